@@ -1,0 +1,1 @@
+"""Engine: sequences, host core (block manager, planner), scheduler and runner."""

@@ -1,0 +1,1 @@
+"""Media preprocessing: images (HD crops) and videos (frame canvas)."""

@@ -1,0 +1,1 @@
+"""Model modules (no device or scheduling logic here)."""
