@@ -1,0 +1,216 @@
+"""InternLM2 backbone with Partial LoRA (PLoRA) on image positions, over packed variable-length tokens.
+
+Module and parameter names mirror the checkpoint (`model.layers.{i}.attention.wqkv.Plora_A.weight`, ...), so loading
+is a plain name match. Tokens of all sequences are packed along dim 0 (`[T, H]`, no padding); the per-batch
+`ForwardContext` says where each sequence starts, which positions are image tokens and where K/V pages live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ixc_engine.config import ModelConfig
+
+
+@dataclass(slots=True)
+class KVCache:
+    """Paged K/V storage for all layers: `k[layer]` is `[num_blocks, block_size, Hkv, D]`."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    block_size: int
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    """What one packed forward needs besides the embeddings (built by the runner, read-only here).
+
+    cu_seqlens: int32 [B+1] offsets of each sequence's NEW tokens in the packed batch.
+    positions: int64 [T] absolute position of each new token (prefix_len + j).
+    seq_lens_total: python ints, prefix + new tokens per sequence (decides the RoPE base).
+    image_index: int64 [n_img] packed positions whose im_mask is true (PLoRA rows); None if there are none.
+    kv_cache / block_tables / prefix_lens / slot_mapping: paged cache, set when K/V are cached or reused.
+    backend: "torch" (reference ops) or "triton" (fused kernels; CUDA or the interpreter).
+    """
+
+    cu_seqlens: torch.Tensor
+    positions: torch.Tensor
+    seq_lens_total: list[int]
+    new_lens: list[int]
+    image_index: torch.Tensor | None = None
+    kv_cache: KVCache | None = None
+    block_tables: torch.Tensor | None = None
+    prefix_lens: torch.Tensor | None = None
+    slot_mapping: torch.Tensor | None = None
+    backend: str = "torch"
+
+    @property
+    def has_prefix(self) -> bool:
+        return self.prefix_lens is not None and any(t > n for t, n in zip(self.seq_lens_total, self.new_lens))
+
+
+class RMSNorm(nn.Module):
+    """InternLM2 RMSNorm: normalize in fp32, cast back to the input dtype, then scale."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class PLoRALinear(nn.Module):
+    """y = W x, plus B(A(x)) * scale on image positions only (`image_index`)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.Plora_A = nn.Linear(in_features, rank, bias=False)
+        self.Plora_B = nn.Linear(rank, out_features, bias=False)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor, image_index: torch.Tensor | None) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if image_index is not None and image_index.numel():
+            delta = self.Plora_B(self.Plora_A(x.index_select(0, image_index)))
+            if self.scale != 1.0:
+                delta = delta * self.scale
+            y = y.index_add(0, image_index, delta)
+        return y
+
+
+def rope_cos_sin(positions: torch.Tensor, bases: torch.Tensor, head_dim: int, dtype: torch.dtype):
+    """cos/sin `[T, D]` for NeoX-style RoPE; `bases` is the per-token base (dynamic NTK is per sequence)."""
+    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (bases.float()[:, None] ** exponent[None, :])  # [T, D/2]
+    freqs = positions.float()[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `[T, heads, D]`; rotate_half over the two halves of D."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def varlen_causal_attention_ref(q, k, v, cu_seqlens: list[int], scale: float) -> torch.Tensor:
+    """Per-sequence causal SDPA over packed tokens (q `[T, Hq, D]`, k/v `[T, Hkv, D]`); GQA by head repetition."""
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k.shape[1]
+    for b in range(len(cu_seqlens) - 1):
+        s, e = cu_seqlens[b], cu_seqlens[b + 1]
+        if e == s:
+            continue
+        qb = q[s:e].transpose(0, 1)
+        kb = k[s:e].transpose(0, 1).repeat_interleave(groups, dim=0)
+        vb = v[s:e].transpose(0, 1).repeat_interleave(groups, dim=0)
+        ob = F.scaled_dot_product_attention(qb[None], kb[None], vb[None], is_causal=True, scale=scale)[0]
+        out[s:e] = ob.transpose(0, 1)
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rank: int) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.groups = cfg.num_kv_groups
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.wqkv = PLoRALinear(cfg.hidden_size, qkv_out, rank, cfg.plora_scale)
+        self.wo = PLoRALinear(self.num_heads * self.head_dim, cfg.hidden_size, rank, cfg.plora_scale)
+
+    def forward(self, x, cos, sin, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
+        T = x.shape[0]
+        # wqkv rows are grouped per KV head: [q_0..q_{g-1}, k, v] blocks of head_dim rows for each of the Hkv groups.
+        qkv = self.wqkv(x, ctx.image_index).view(T, self.num_kv_heads, self.groups + 2, self.head_dim)
+        q = qkv[:, :, : self.groups].reshape(T, self.num_heads, self.head_dim)
+        k = qkv[:, :, -2]
+        v = qkv[:, :, -1]
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        scale = self.head_dim**-0.5
+        attn = _attention(q, k, v, ctx, layer_idx, scale)
+        return self.wo(attn.reshape(T, self.num_heads * self.head_dim), ctx.image_index)
+
+
+def _attention(q, k, v, ctx: ForwardContext, layer_idx: int, scale: float) -> torch.Tensor:
+    from ixc_engine.kernels.paged_attention import paged_prefix_attention, write_kv_cache
+
+    cache = ctx.kv_cache
+    if cache is not None and ctx.slot_mapping is not None:
+        write_kv_cache(k, v, cache.k[layer_idx], cache.v[layer_idx], ctx.slot_mapping)
+    if ctx.has_prefix or ctx.backend == "triton":
+        if cache is None:
+            raise ValueError("attention over a cached prefix needs a kv_cache")
+        return paged_prefix_attention(
+            q, k, v, cache.k[layer_idx], cache.v[layer_idx], ctx.block_tables, ctx.prefix_lens, ctx.cu_seqlens,
+            scale=scale, backend=ctx.backend,
+        )
+    return varlen_causal_attention_ref(q, k, v, ctx.cu_seqlens.tolist(), scale)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig, rank: int) -> None:
+        super().__init__()
+        self.w1 = PLoRALinear(cfg.hidden_size, cfg.intermediate_size, rank, cfg.plora_scale)
+        self.w3 = PLoRALinear(cfg.hidden_size, cfg.intermediate_size, rank, cfg.plora_scale)
+        self.w2 = PLoRALinear(cfg.intermediate_size, cfg.hidden_size, rank, cfg.plora_scale)
+
+    def forward(self, x: torch.Tensor, image_index: torch.Tensor | None) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x, image_index)) * self.w3(x, image_index), image_index)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rank: int) -> None:
+        super().__init__()
+        self.attention = Attention(cfg, rank)
+        self.feed_forward = FeedForward(cfg, rank)
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, ctx, layer_idx)
+        return x + self.feed_forward(self.ffn_norm(x), ctx.image_index)
+
+
+class InternLM2Model(nn.Module):
+    """Embeddings, decoder layers and the final norm (applied by the score kernel, not here)."""
+
+    def __init__(self, cfg: ModelConfig, rank: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rank) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def rope_tables(self, ctx: ForwardContext, dtype: torch.dtype):
+        device = ctx.positions.device
+        bases = [self.cfg.rope_base(total) for total in ctx.seq_lens_total]
+        if all(b == bases[0] for b in bases):
+            per_token = torch.full((ctx.positions.shape[0],), bases[0], dtype=torch.float64, device=device)
+        else:
+            per_token = torch.repeat_interleave(
+                torch.tensor(bases, dtype=torch.float64, device=device),
+                torch.tensor(ctx.new_lens, device=device),
+            )
+        return rope_cos_sin(ctx.positions, per_token, self.cfg.head_dim, dtype)
+
+    def forward(self, embeds: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """embeds `[T, H]` -> last layer's hidden states `[T, H]` (before the final norm)."""
+        cos, sin = self.rope_tables(ctx, embeds.dtype)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, ctx, i)
+        return x
