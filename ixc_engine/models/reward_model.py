@@ -13,7 +13,7 @@ from ixc_engine.models.vision import ViT, VisionProjector, layout_image_tokens, 
 
 # Tensors a release checkpoint holds that the scoring path never uses: never loaded into memory.
 IGNORED_TENSORS = (
-    re.compile(r".*\blora_(sft|dpo|web)\w*"),
+    re.compile(r".*\blora_(sft|dpo|web)_.*"),
     re.compile(r"vit\.vision_tower\.vision_model\.post_layernorm\..*"),
     re.compile(r".*\.position_ids$"),
     re.compile(r".*rotary_emb\.inv_freq$"),

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny checkpoints in the release layout, and the paths of ../shared data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MEDIA = SHARED / "media"
+
+
+def shared_media(name: str) -> Path:
+    path = MEDIA / name
+    if not path.exists():
+        pytest.skip(f"{path} not found: the real photos live in ../shared/media beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from ixc_engine.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from ixc_engine.tiny import PACKAGED_TOKENIZER
+    from ixc_engine.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(PACKAGED_TOKENIZER)
