@@ -1,0 +1,170 @@
+"""Image preprocessing of IXC-2.5: HD canvas, CLIP normalisation and 560x560 crops (MODEL.md section 4).
+
+Every rounding step follows the upstream float arithmetic on purpose (``int(new_w / ratio)`` with
+``ratio = W / H``, not ``new_w * H // W``): canvas sizes, and so token counts, must match upstream exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import MediaError
+
+CROP = 560
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MEDIA_KINDS = ("image", "video")
+
+_WHITE = (255, 255, 255)
+
+
+def image_token_count(h: int, w: int) -> int:
+    """LLM tokens of one image or video with an h x w grid of crops.
+
+    Global view: 20 rows of (20 merged tokens + 1 separator) = 420, one global/sub separator, then the
+    (h*20) x (w*20) stitched sub-crop grid with one separator per row: (h*w + 1) * 400 + 1 + (h + 1) * 20.
+    """
+    if h < 1 or w < 1:
+        raise ValueError(f"crop grid must be at least 1x1, got h={h}, w={w}")
+    return (h * w + 1) * 400 + 1 + (h + 1) * 20
+
+
+@dataclass(slots=True)
+class MediaCrops:
+    """The ViT input of one image or video.
+
+    pixel_values: [1 + h*w, 3, 560, 560] float32, order [global, sub_0, ..., sub_{h*w-1}] (raster order).
+    """
+
+    pixel_values: torch.Tensor
+    h: int
+    w: int
+    kind: str = "image"
+
+    def __post_init__(self) -> None:
+        if self.kind not in MEDIA_KINDS:
+            raise ValueError(f"kind must be one of {MEDIA_KINDS}, got {self.kind!r}")
+        expected = (1 + self.h * self.w, 3, CROP, CROP)
+        if self.h < 1 or self.w < 1 or tuple(self.pixel_values.shape) != expected:
+            raise ValueError(
+                f"pixel_values must have shape {expected} for h={self.h}, w={self.w}, "
+                f"got {tuple(self.pixel_values.shape)}"
+            )
+
+    @property
+    def n_tokens(self) -> int:
+        return image_token_count(self.h, self.w)
+
+
+def _check_hd_num(hd_num: int) -> int:
+    try:
+        hd_num = operator.index(hd_num)
+    except TypeError:
+        raise TypeError(f"hd_num must be an integer, got {type(hd_num).__name__}") from None
+    if hd_num < 1:
+        raise MediaError(f"hd_num must be >= 1, got {hd_num}")
+    return hd_num
+
+
+def _hd_resize(width: int, height: int, hd_num: int) -> tuple[int, int]:
+    """(new_w, new_h) of the resize for a landscape-or-square image (width >= height), before padding."""
+    ratio = width / height
+    # Largest s with s * ceil(s / ratio) <= hd_num (the product grows with s, so scan upwards).
+    scale = 1
+    while scale * math.ceil(scale / ratio) <= hd_num:
+        scale += 1
+    scale -= 1
+    scale = min(math.ceil(width / CROP), scale)
+    new_w = int(scale * CROP)
+    new_h = int(new_w / ratio)
+    return new_w, new_h
+
+
+def hd_canvas_size(width: int, height: int, hd_num: int) -> tuple[int, int]:
+    """(width, height) of the padded canvas that ``hd_transform`` makes for an image of this size.
+
+    Cheap (no pixels): lets callers budget tokens before decoding. Raises MediaError where hd_transform would.
+    """
+    hd_num = _check_hd_num(hd_num)
+    if width < 1 or height < 1:
+        raise MediaError(f"image has an empty size {width}x{height}")
+    transposed = width < height
+    if transposed:
+        width, height = height, width
+    new_w, new_h = _hd_resize(width, height, hd_num)
+    if new_h < 1:
+        raise MediaError(
+            f"image {width}x{height} is too elongated: it would be resized to {new_w}x{new_h} (hd_num={hd_num})"
+        )
+    padded_h = math.ceil(new_h / CROP) * CROP
+    return (padded_h, new_w) if transposed else (new_w, padded_h)
+
+
+def hd_transform(img: Image.Image, hd_num: int) -> Image.Image:
+    """Steps 1-4 of MODEL.md section 4: RGB, resize to a multiple of 560 wide (long side), pad with white.
+
+    Portrait images are handled by transposing (swapping axes, not rotating), processing as landscape and
+    transposing back, exactly like upstream: the bilinear resize runs in the transposed orientation, which
+    matters for bit-exact pixels.
+    """
+    hd_num = _check_hd_num(hd_num)
+    img = img.convert("RGB")
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise MediaError(f"image has an empty size {width}x{height}")
+    transposed = width < height
+    if transposed:
+        img = img.transpose(Image.Transpose.TRANSPOSE)
+        width, height = img.size
+    new_w, new_h = _hd_resize(width, height, hd_num)
+    if new_h < 1:
+        raise MediaError(
+            f"image {width}x{height} is too elongated: it would be resized to {new_w}x{new_h} (hd_num={hd_num})"
+        )
+    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    padded_h = math.ceil(new_h / CROP) * CROP
+    if padded_h != new_h:
+        canvas = Image.new("RGB", (new_w, padded_h), _WHITE)
+        canvas.paste(img, (0, 0))
+        img = canvas
+    if transposed:
+        img = img.transpose(Image.Transpose.TRANSPOSE)
+    return img
+
+
+def to_tensor_normalized(img: Image.Image) -> torch.Tensor:
+    """[3, H, W] float32: uint8 / 255 in fp32, then (x - mean) / std per channel with fp32 mean and std."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    arr = np.array(img, dtype=np.uint8)  # [H, W, 3], a fresh writable copy
+    t = torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+    return t.div_(255).sub_(mean).div_(std)
+
+
+def crops_from_canvas(t: torch.Tensor, kind: str = "image") -> MediaCrops:
+    """Global view (bicubic resize of the whole canvas to 560x560, fp32) plus the h x w sub-crops."""
+    if t.ndim != 3 or t.shape[0] != 3:
+        raise ValueError(f"canvas must be a [3, H, W] tensor, got shape {tuple(t.shape)}")
+    _, height, width = t.shape
+    if height == 0 or width == 0 or height % CROP or width % CROP:
+        raise ValueError(f"canvas height and width must be positive multiples of {CROP}, got {height}x{width}")
+    h, w = height // CROP, width // CROP
+    t = t.float()
+    glb = F.interpolate(t[None], size=(CROP, CROP), mode="bicubic", align_corners=False)
+    # [3, h*560, w*560] -> [h, w, 3, 560, 560]: crop (i, j) lands at index i * w + j.
+    subs = t.reshape(3, h, CROP, w, CROP).permute(1, 3, 0, 2, 4).reshape(h * w, 3, CROP, CROP)
+    return MediaCrops(pixel_values=torch.cat([glb, subs], dim=0), h=h, w=w, kind=kind)
+
+
+def process_image(img: Image.Image, hd_num: int) -> MediaCrops:
+    """Full image path: HD canvas, CLIP normalisation, crops."""
+    return crops_from_canvas(to_tensor_normalized(hd_transform(img, hd_num)), kind="image")
