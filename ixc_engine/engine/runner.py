@@ -1,0 +1,195 @@
+"""The model runner: the only place that touches the device. Batched ViT, embedding assembly, packed LLM forward,
+fused score pooling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ixc_engine.engine.sequence import PreparedSample
+from ixc_engine.kernels.pool_score import pool_score
+from ixc_engine.models.internlm2 import ForwardContext, KVCache
+from ixc_engine.models.reward_model import IXCRewardModel
+
+
+@dataclass(slots=True)
+class SeqPlan:
+    """One sequence of a batch: compute positions [start, sample.n_tokens); [0, start) is already in the KV cache."""
+
+    sample: PreparedSample
+    start: int = 0
+    block_table: list[int] | None = None
+    prefix_sum: float = 0.0  # mean pooling: sum of per-token scores over the cached prefix
+
+    @property
+    def new_tokens(self) -> int:
+        return self.sample.n_tokens - self.start
+
+
+@dataclass(slots=True)
+class BatchResult:
+    scores: list[float]
+    block_sums: list[np.ndarray] | None  # mean pooling with a cache: per full block, the sum of token scores
+    media_encoded: int = 0  # images/videos run through the ViT
+    crops_encoded: int = 0
+
+
+@dataclass(slots=True)
+class RunnerStats:
+    gpu_seconds: float = 0.0
+    forward_calls: int = 0
+
+
+@dataclass(slots=True)
+class ModelRunner:
+    model: IXCRewardModel
+    device: torch.device
+    dtype: torch.dtype
+    backend: str = "torch"  # "torch" reference ops, or "triton" kernels
+    vit_batch: int = 32  # crops per ViT call
+    media_cache_size: int = 8  # projected image embeddings kept (identical images within a job window)
+    kv_cache: KVCache | None = None
+    _media_cache: dict = field(default_factory=dict)
+    stats: RunnerStats = field(default_factory=RunnerStats)
+
+    # --- KV cache -------------------------------------------------------------------------------------------------
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        cfg = self.model.cfg
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        layers = range(cfg.num_hidden_layers)
+        self.kv_cache = KVCache(
+            k=[torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers],
+            v=[torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers],
+            block_size=block_size,
+        )
+        return self.kv_cache
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        cfg = self.model.cfg
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+    # --- vision ---------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _encode_media(self, todo: dict[str, object]) -> tuple[dict[str, torch.Tensor], int]:
+        """Projected embeddings for each digest in `todo` (digest -> MediaCrops), crops of all media batched."""
+        out: dict[str, torch.Tensor] = {}
+        missing = [(d, mc) for d, mc in todo.items() if d not in self._media_cache]
+        for d in todo:
+            if d in self._media_cache:
+                out[d] = self._media_cache[d]
+        n_crops = 0
+        if missing:
+            pixels = torch.cat([mc.pixel_values for _, mc in missing])
+            n_crops = pixels.shape[0]
+            merged = []
+            for i in range(0, n_crops, self.vit_batch):
+                chunk = pixels[i:i + self.vit_batch].to(self.device, self.dtype, non_blocking=True)
+                merged.append(self.model.encode_crops(chunk))
+            merged = torch.cat(merged)
+            offset = 0
+            for d, mc in missing:
+                k = mc.pixel_values.shape[0]
+                out[d] = self.model.image_tokens(merged[offset:offset + k], mc.h, mc.w)
+                offset += k
+                self._remember(d, out[d])
+        return out, n_crops
+
+    def _remember(self, digest: str, emb: torch.Tensor) -> None:
+        if self.media_cache_size <= 0:
+            return
+        self._media_cache[digest] = emb
+        while len(self._media_cache) > self.media_cache_size:
+            self._media_cache.pop(next(iter(self._media_cache)))
+
+    # --- one packed forward ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(
+        self, plans: list[SeqPlan], *, pooling: str, slot_mapping: np.ndarray | None = None,
+        block_tables: np.ndarray | None = None, want_block_sums: bool = False,
+    ) -> BatchResult:
+        import time
+
+        t0 = time.perf_counter()
+        todo: dict[str, object] = {}
+        for p in plans:
+            for start, end, piece in p.sample.segments():
+                if not isinstance(piece, list) and end > p.start:
+                    todo[p.sample.media_digests[piece]] = p.sample.media[piece]
+        media_emb, n_crops = self._encode_media(todo)
+
+        emb_table = self.model.model.tok_embeddings.weight
+        chunks, image_pos, new_lens, totals = [], [], [], []
+        offset = 0
+        for p in plans:
+            for start, end, piece in p.sample.segments():
+                lo, hi = max(start, p.start), end
+                if hi <= lo:
+                    continue
+                if isinstance(piece, list):
+                    ids = torch.tensor(piece[lo - start:hi - start], dtype=torch.long)
+                    chunks.append(emb_table[ids.to(self.device)])
+                else:
+                    chunks.append(media_emb[p.sample.media_digests[piece]][lo - start:hi - start])
+                    image_pos.append(torch.arange(offset + lo - p.start, offset + hi - p.start))
+            new_lens.append(p.new_tokens)
+            totals.append(p.sample.n_tokens)
+            offset += p.new_tokens
+        if any(n <= 0 for n in new_lens):
+            raise ValueError("every planned sequence must compute at least one token")
+        embeds = torch.cat(chunks)
+        lens = torch.tensor(new_lens, dtype=torch.int32)
+        cu = torch.zeros(len(plans) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lens, 0)
+        starts = torch.tensor([p.start for p in plans], dtype=torch.long)
+        positions = torch.arange(offset, dtype=torch.long) - torch.repeat_interleave(cu[:-1].long() - starts, lens)
+        ctx = ForwardContext(
+            cu_seqlens=cu.to(self.device),
+            positions=positions.to(self.device),
+            seq_lens_total=totals,
+            new_lens=new_lens,
+            image_index=torch.cat(image_pos).to(self.device) if image_pos else None,
+            backend=self.backend,
+        )
+        if self.kv_cache is not None and slot_mapping is not None:
+            ctx.kv_cache = self.kv_cache
+            ctx.slot_mapping = torch.from_numpy(slot_mapping).to(self.device)
+            ctx.block_tables = torch.from_numpy(block_tables).to(self.device)
+            ctx.prefix_lens = starts.to(torch.int32).to(self.device)
+        hidden = self.model.hidden_states(embeds, ctx)
+
+        norm_w = self.model.model.norm.weight
+        head_w = self.model.score.weight
+        eps = self.model.cfg.rms_norm_eps
+        block_sums = None
+        if pooling == "last":
+            scores = pool_score(hidden, norm_w, head_w, ctx.cu_seqlens, mode="last", eps=eps, backend=self.backend)
+        else:
+            prefix_count = starts.to(self.device)
+            prefix_sum = torch.tensor([p.prefix_sum for p in plans], dtype=torch.float32, device=self.device)
+            scores = pool_score(
+                hidden, norm_w, head_w, ctx.cu_seqlens, mode="mean", eps=eps, backend=self.backend,
+                prefix_sum=prefix_sum if any(p.start for p in plans) else None,
+                prefix_count=prefix_count if any(p.start for p in plans) else None,
+            )
+            if want_block_sums:
+                tok = pool_score(hidden, norm_w, head_w, ctx.cu_seqlens, mode="token", eps=eps, backend=self.backend)
+                block_sums = self._block_sums(tok.double().cpu().numpy(), plans, new_lens)
+        result = scores.float().cpu().tolist()
+        self.stats.gpu_seconds += time.perf_counter() - t0
+        self.stats.forward_calls += 1
+        return BatchResult(result, block_sums, len([d for d in todo if d in media_emb]), n_crops)
+
+    def _block_sums(self, tok: np.ndarray, plans: list[SeqPlan], new_lens: list[int]) -> list[np.ndarray]:
+        """Per sequence, the token-score sum of every full block that ends inside the newly computed part."""
+        bs = self.kv_cache.block_size if self.kv_cache is not None else 16
+        out, off = [], 0
+        for p, n in zip(plans, new_lens):
+            seg = tok[off:off + n]
+            first_block = p.start // bs  # starts are block-aligned
+            n_full = p.sample.n_tokens // bs - first_block
+            out.append(np.array([seg[i * bs:(i + 1) * bs].sum() for i in range(max(n_full, 0))]))
+            off += n
+        return out

@@ -1,0 +1,89 @@
+"""Samples and their CPU-side preparation: template + tokens + media crops -> a `PreparedSample`."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ixc_engine.media.image import MediaCrops
+from ixc_engine.media.loader import load_media, media_digest
+from ixc_engine.template import build_sample, validate_messages
+from ixc_engine.tokenizer import Tokenizer
+
+MEDIA_KEY_BIT = 1 << 62  # content keys of image positions live above every token id
+
+
+class SampleError(ValueError):
+    """A sample that cannot be scored; the message says why (bad messages, media, length)."""
+
+
+@dataclass(slots=True)
+class Sample:
+    messages: list[dict]
+    media: list[Any] = field(default_factory=list)  # paths (image or video by extension) or PIL images
+    id: Any = None
+
+
+@dataclass(slots=True)
+class PreparedSample:
+    """Everything the runner needs for one sequence; `pieces` interleaves token-id lists and media slot indices."""
+
+    id: Any
+    pieces: list[list[int] | int]
+    media: list[MediaCrops]
+    media_digests: list[str]
+    n_tokens: int
+
+    def segments(self) -> list[tuple[int, int, list[int] | int]]:
+        """(start, end, piece) in sequence positions."""
+        out, pos = [], 0
+        for piece in self.pieces:
+            n = len(piece) if isinstance(piece, list) else self.media[piece].n_tokens
+            out.append((pos, pos + n, piece))
+            pos += n
+        return out
+
+    def content_keys(self) -> np.ndarray:
+        """One int64 key per position: the token id, or a key derived from the media digest and the offset."""
+        keys = np.empty(self.n_tokens, dtype=np.int64)
+        for start, end, piece in self.segments():
+            if isinstance(piece, list):
+                keys[start:end] = piece
+            else:
+                base = int.from_bytes(hashlib.blake2b(self.media_digests[piece].encode(), digest_size=8).digest())
+                base = (base & ((1 << 40) - 1)) << 20  # leaves 2^20 offsets per image before wrapping into others
+                keys[start:end] = MEDIA_KEY_BIT | (base + np.arange(end - start, dtype=np.int64))
+        return keys
+
+
+def prepare_sample(
+    tokenizer: Tokenizer, sample: Sample, *, hd_num: int, max_length: int, media_cache: dict | None = None
+) -> PreparedSample:
+    """Validate, template and tokenize, load and crop media. Raises SampleError with a clear reason."""
+    try:
+        messages = validate_messages(sample.messages)
+        templ = build_sample(tokenizer, messages, len(sample.media), hd_num)
+    except ValueError as exc:
+        raise SampleError(str(exc)) from exc
+    crops, digests = [], []
+    for item in sample.media:
+        try:
+            digest = media_digest(item, templ.hd_num)
+            cached = media_cache.get(digest) if media_cache is not None else None
+            mc = cached if cached is not None else load_media(item, templ.hd_num)
+        except ValueError as exc:  # MediaError is a ValueError
+            raise SampleError(str(exc)) from exc
+        if media_cache is not None:
+            media_cache[digest] = mc
+        crops.append(mc)
+        digests.append(digest)
+    n_tokens = templ.n_tokens([m.n_tokens for m in crops])
+    if n_tokens > max_length:
+        raise SampleError(
+            f"sample is {n_tokens} tokens long, over max_length {max_length}; it is not scored (upstream would cut "
+            "the tail and read the score at a wrong token). Shorten it or raise --max-length."
+        )
+    return PreparedSample(sample.id, templ.pieces, crops, digests, n_tokens)
