@@ -75,7 +75,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             from safetensors import safe_open
 
             with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
+                for name in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
                     if not is_ignored_tensor(name):
                         yield name, sf.get_tensor(name)
         else:
@@ -97,7 +97,7 @@ def tensor_shapes(files: list[Path], suffix: str) -> dict[str, tuple[int, ...]]:
             from safetensors import safe_open
 
             with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
+                for name in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
                     if name.endswith(suffix):
                         shapes[name] = tuple(sf.get_slice(name).get_shape())
         else:

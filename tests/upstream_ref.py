@@ -56,7 +56,7 @@ def vit_features(pixels, st, vcfg):
         h = F.layer_norm(x, (c,), st[q + "layer_norm1.weight"], st[q + "layer_norm1.bias"], eps)
         n, L, _ = h.shape
 
-        def proj(nm, t):
+        def proj(nm, t, q=q):
             return t @ st[q + f"self_attn.{nm}.weight"].T + st[q + f"self_attn.{nm}.bias"]
 
         qs = (proj("q_proj", h) * hd**-0.5).view(n, L, heads, hd).transpose(1, 2)

@@ -259,13 +259,8 @@ class ScoringEngine:
         pool = ProcessPoolExecutor(self.cfg.workers) if self.cfg.workers > 0 else None
         try:
             window: list[tuple[int, Sample | SampleError]] = []
-            counter = 0
-            for item in samples:
-                if isinstance(item, tuple):
-                    window.append(item)
-                else:
-                    window.append((counter, item))
-                counter += 1
+            for counter, item in enumerate(samples):
+                window.append(item if isinstance(item, tuple) else (counter, item))
                 if len(window) >= self.cfg.window:
                     yield from self._score_window(window, pool)
                     window = []

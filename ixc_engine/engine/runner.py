@@ -3,6 +3,7 @@ fused score pooling."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,20 +106,18 @@ class ModelRunner:
             self._media_cache.pop(next(iter(self._media_cache)))
 
     # --- one packed forward ---------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def run(
-        self, plans: list[SeqPlan], *, pooling: str, slot_mapping: np.ndarray | None = None,
-        block_tables: np.ndarray | None = None, want_block_sums: bool = False,
-    ) -> BatchResult:
-        import time
+    def pack(self, plans: list[SeqPlan]) -> tuple[torch.Tensor, ForwardContext, int, int]:
+        """Packed embeddings `[T, H]` of every plan's positions [start, n_tokens) and their ForwardContext.
 
-        t0 = time.perf_counter()
+        Media whose tokens all lie in a cached prefix are not encoded. Returns (embeds, ctx, media encoded, crops).
+        """
         todo: dict[str, object] = {}
         for p in plans:
             for start, end, piece in p.sample.segments():
                 if not isinstance(piece, list) and end > p.start:
                     todo[p.sample.media_digests[piece]] = p.sample.media[piece]
-        media_emb, n_crops = self._encode_media(todo)
+        with torch.no_grad():  # the vision path is frozen, also in training
+            media_emb, n_crops = self._encode_media(todo)
 
         emb_table = self.model.model.tok_embeddings.weight
         chunks, image_pos, new_lens, totals = [], [], [], []
@@ -153,6 +152,21 @@ class ModelRunner:
             image_index=torch.cat(image_pos).to(self.device) if image_pos else None,
             backend=self.backend,
         )
+        return embeds, ctx, len(todo), n_crops
+
+    def forward_hidden(self, plans: list[SeqPlan]) -> tuple[torch.Tensor, ForwardContext]:
+        """Final hidden states (before the norm) with autograd enabled: for training (no KV cache)."""
+        embeds, ctx, _, _ = self.pack(plans)
+        return self.model.hidden_states(embeds, ctx), ctx
+
+    @torch.inference_mode()
+    def run(
+        self, plans: list[SeqPlan], *, pooling: str, slot_mapping: np.ndarray | None = None,
+        block_tables: np.ndarray | None = None, want_block_sums: bool = False,
+    ) -> BatchResult:
+        t0 = time.perf_counter()
+        embeds, ctx, n_media, n_crops = self.pack(plans)
+        starts = torch.tensor([p.start for p in plans], dtype=torch.long)
         if self.kv_cache is not None and slot_mapping is not None:
             ctx.kv_cache = self.kv_cache
             ctx.slot_mapping = torch.from_numpy(slot_mapping).to(self.device)
@@ -176,11 +190,11 @@ class ModelRunner:
             )
             if want_block_sums:
                 tok = pool_score(hidden, norm_w, head_w, ctx.cu_seqlens, mode="token", eps=eps, backend=self.backend)
-                block_sums = self._block_sums(tok.double().cpu().numpy(), plans, new_lens)
+                block_sums = self._block_sums(tok.double().cpu().numpy(), plans, ctx.new_lens)
         result = scores.float().cpu().tolist()
         self.stats.gpu_seconds += time.perf_counter() - t0
         self.stats.forward_calls += 1
-        return BatchResult(result, block_sums, len([d for d in todo if d in media_emb]), n_crops)
+        return BatchResult(result, block_sums, n_media if n_crops else 0, n_crops)
 
     def _block_sums(self, tok: np.ndarray, plans: list[SeqPlan], new_lens: list[int]) -> list[np.ndarray]:
         """Per sequence, the token-score sum of every full block that ends inside the newly computed part."""
