@@ -1,1 +1,9 @@
-"""Media preprocessing: images (HD crops) and videos (frame canvas)."""
+"""Media preprocessing: images (HD canvas, 560x560 crops) and videos (sampled frames stitched into a canvas)."""
+
+from ixc_engine.media.errors import MediaError
+from ixc_engine.media.image import MediaCrops, image_token_count, process_image
+from ixc_engine.media.loader import load_media, media_digest
+from ixc_engine.media.video import VIDEO_EXTENSIONS, is_video_path, process_video
+
+__all__ = ["MediaError", "MediaCrops", "image_token_count", "process_image", "load_media", "media_digest",
+           "VIDEO_EXTENSIONS", "is_video_path", "process_video"]
