@@ -83,3 +83,22 @@ def test_batching_does_not_leak(engine, tiny_ckpt):
 def test_mean_pooling(tiny_ckpt, tokenizer, synthetic):
     eng = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", pooling="mean")
     _check(eng, tiny_ckpt, tokenizer, [(TURN, []), (TURN, [synthetic["wide"]])], pooling="mean")
+
+
+def test_video(engine, tiny_ckpt, tokenizer, tmp_path):
+    import av
+    import numpy as np
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(25):
+            arr = np.full((48, 64, 3), (i * 10) % 256, dtype=np.uint8)
+            arr[:, : 2 * i % 64] = (0, 200, 50)
+            for pkt in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(pkt)
+        for pkt in stream.encode():
+            out.mux(pkt)
+    conv = [{"role": "user", "content": "<ImageHere>What happens in the video?"}, TURN[1]]
+    _check(engine, tiny_ckpt, tokenizer, [(conv, [str(path)])])
