@@ -50,7 +50,7 @@ class RewardEngine:
         cls, path_or_id: str | os.PathLike, device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None, *, pooling: str | None = None, backend: str | None = None,
         config: EngineConfig | None = None,
-    ) -> "RewardEngine":
+    ) -> RewardEngine:
         device, dtype = resolve_device_dtype(device, dtype)
         model, ckpt = load_model(path_or_id, dtype=dtype, device=device, pooling=pooling)
         tok_path = Path(ckpt) / "tokenizer.model"

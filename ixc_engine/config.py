@@ -112,7 +112,7 @@ class ModelConfig:
 
     # --- (de)serialisation -------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
         kw: dict[str, Any] = {}
         simple = (
             "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
@@ -142,7 +142,7 @@ class ModelConfig:
             raise ValueError(f"{source}: {exc}") from exc
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_file(cls, path: str | os.PathLike) -> ModelConfig:
         with open(path, encoding="utf-8") as fh:
             try:
                 raw = json.load(fh)

@@ -9,7 +9,7 @@ from torch import nn
 
 from ixc_engine.config import ModelConfig
 from ixc_engine.models.internlm2 import ForwardContext, InternLM2Model
-from ixc_engine.models.vision import ViT, VisionProjector, layout_image_tokens, merge_2x2
+from ixc_engine.models.vision import VisionProjector, ViT, layout_image_tokens, merge_2x2
 
 # Tensors a release checkpoint holds that the scoring path never uses: never loaded into memory.
 IGNORED_TENSORS = (
