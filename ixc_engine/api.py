@@ -56,11 +56,20 @@ class RewardEngine:
         tok_path = Path(ckpt) / "tokenizer.model"
         if not tok_path.is_file():
             raise CheckpointError(f"{ckpt}: tokenizer.model not found")
+        return cls.from_model(model, tok_path, backend=backend, config=config)
+
+    @classmethod
+    def from_model(
+        cls, model, tokenizer_path: str | os.PathLike, *, backend: str | None = None,
+        config: EngineConfig | None = None,
+    ) -> RewardEngine:
+        """Wrap an in-memory `IXCRewardModel` (already on its device and dtype): for benchmarks and training."""
+        p = next(model.parameters())
         if backend is None:
-            backend = "triton" if device.type == "cuda" else "torch"
-        runner = ModelRunner(model, device, dtype, backend=backend)
+            backend = "triton" if p.device.type == "cuda" else "torch"
+        runner = ModelRunner(model, p.device, p.dtype, backend=backend)
         engine = ScoringEngine(
-            runner, Tokenizer.from_file(tok_path), str(tok_path), model.cfg.pooling, model.cfg.max_length,
+            runner, Tokenizer.from_file(tokenizer_path), str(tokenizer_path), model.cfg.pooling, model.cfg.max_length,
             config or EngineConfig(),
         )
         return cls(engine)
