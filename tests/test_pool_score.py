@@ -66,13 +66,13 @@ def assert_within_2x_torch(kernel, ref32, ref64, what):
     assert err_k <= 2.0 * err_t + floor, f"{what}: kernel err {err_k:.3e} vs fp32 torch err {err_t:.3e}"
 
 
-def compare_all(hidden, wn, wh, cu, mode, **kw):
+def compare_all(hidden, wn, wh, cu, mode, config=None, **kw):
     """Kernel vs fp32 reference vs fp64 reference: forward and every gradient."""
     hidden, wn, wh, cu = to_dev(hidden, wn, wh, cu)
     kw = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     n_out = cu.numel() - 1 if mode != "token" else hidden.shape[0]
     g = torch.randn(n_out, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    kern = run(lambda *a, **k: ps.pool_score(*a, backend="triton", **k), hidden, wn, wh, cu, g, mode=mode, **kw)
+    kern = run(lambda *a, **k: ps._pool_score_triton(*a, config=config, **k), hidden, wn, wh, cu, g, mode=mode, **kw)
     r32 = run(ps.pool_score_ref, hidden, wn, wh, cu, g, mode=mode, **kw)
     r64 = run(ps.pool_score_ref, hidden, wn, wh, cu, g, dtype=torch.float64, mode=mode, **kw)
     names = ["output", "d_hidden", "d_norm_weight", "d_head_weight", "d_prefix_sum"]
@@ -136,6 +136,21 @@ def test_kernel_matches_reference(mode, H):
     hidden, wn, wh, cu = make_inputs(H, LENGTHS, seed=H + 1, head_2d=(H == 100))
     kern = compare_all(hidden, wn, wh, cu, mode)
     assert kern[3].shape == wh.shape  # gradient keeps head_weight's [1, H] or [H] shape
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ps.MODES)
+@pytest.mark.parametrize("cfg", [(8, 64, 8, 64, 3, 16), (16, 128, 16, 32, 2, 64)], ids=["h64-h64", "h128-h32"])
+def test_kernel_blocked_hidden_loops(mode, cfg):
+    # Block sizes below H, as on the GPU (H=4096): the column loops and the segment loop take several steps.
+    fbt, fbh, bbt, bbh, progs, seg = cfg
+    config = ps.KernelConfig(fbt, fbh, 4, bbt, bbh, 4, progs, seg)
+    lengths = [1, 130, 7, 45, 2]
+    hidden, wn, wh, cu = make_inputs(257, lengths, seed=43)
+    kw = {}
+    if mode == "mean":
+        kw = {"prefix_sum": torch.tensor([1.0, 2.0, -3.0, 0.5, 4.0]), "prefix_count": torch.tensor([0, 3, 1, 0, 9])}
+    compare_all(hidden, wn, wh, cu, mode, config=config, **kw)
 
 
 @needs_triton
