@@ -151,13 +151,18 @@ def _attention(q, k, v, ctx: ForwardContext, layer_idx: int, scale: float) -> to
     cache = ctx.kv_cache
     if cache is not None and ctx.slot_mapping is not None:
         write_kv_cache(k, v, cache.k[layer_idx], cache.v[layer_idx], ctx.slot_mapping)
-    if ctx.has_prefix or ctx.backend == "triton":
-        if cache is None:
-            raise ValueError("attention over a cached prefix needs a kv_cache")
+    if ctx.has_prefix:
         return paged_prefix_attention(
             q, k, v, cache.k[layer_idx], cache.v[layer_idx], ctx.block_tables, ctx.prefix_lens, ctx.cu_seqlens,
             scale=scale, backend=ctx.backend,
         )
+    if ctx.backend == "triton":  # varlen causal attention: the same kernel with empty prefixes
+        n = ctx.cu_seqlens.shape[0] - 1
+        empty = q.new_empty((1, 16, k.shape[1], k.shape[2]))
+        no_blocks = torch.zeros((n, 1), dtype=torch.int32, device=q.device)
+        no_prefix = torch.zeros(n, dtype=torch.int32, device=q.device)
+        return paged_prefix_attention(q, k, v, empty, empty, no_blocks, no_prefix, ctx.cu_seqlens, scale=scale,
+                                      backend="triton")
     return varlen_causal_attention_ref(q, k, v, ctx.cu_seqlens.tolist(), scale)
 
 
