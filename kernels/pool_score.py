@@ -48,8 +48,6 @@ class _Checked:
     hidden: torch.Tensor  # [T, H], last-dim stride 1
     norm_weight: torch.Tensor  # [H], contiguous
     head_weight: torch.Tensor  # [H], contiguous (a differentiable view/copy of the caller's tensor)
-    lengths: list[int]  # host copy of the B segment lengths
-    prefix_counts: list[int] | None  # host copy, only with prefixes
 
 
 def _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, prefix_count, dtypes) -> _Checked:
@@ -126,7 +124,7 @@ def _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, 
 
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
-    return _Checked(hidden, norm_weight.contiguous(), head_weight.reshape(H).contiguous(), lengths, counts)
+    return _Checked(hidden, norm_weight.contiguous(), head_weight.reshape(H).contiguous())
 
 
 # ----------------------------------------------------------------------------------------------
