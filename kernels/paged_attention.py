@@ -42,16 +42,16 @@ _REF_CHUNK_ELEMS = 1 << 26
 if triton is not None:
 
     @triton.jit
-    def _softmax_step(q, kt, v, acc, m_i, l_i, qk_scale, valid, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+    def _softmax_step(q, k, v, acc, m_i, l_i, qk_scale, valid, MASKED: tl.constexpr, UPCAST: tl.constexpr,
                       IEEE: tl.constexpr):
-        # One online-softmax update in base 2: s = (q . k) * scale * log2(e).
+        # One online-softmax update in base 2: s = (q . k) * scale * log2(e). k, v: [BLOCK_N, D].
         if UPCAST:
-            kt = kt.to(tl.float32)
+            k = k.to(tl.float32)
             v = v.to(tl.float32)
         if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
-            s = tl.dot(q, kt)
+            s = tl.dot(q, tl.trans(k))
         s = s * qk_scale
         if MASKED:
             s = tl.where(valid, s, float("-inf"))
@@ -122,19 +122,19 @@ if triton is not None:
             pos = start + n
             page = tl.load(bt_row + pos // PAGE).to(tl.int64)
             off = pos % PAGE
-            kt = tl.load(kc_head + page[None, :] * stride_kcb + off[None, :] * stride_kcs + d[:, None])
-            vt = tl.load(vc_head + page[:, None] * stride_vcb + off[:, None] * stride_vcs + d[None, :])
-            acc, m_i, l_i = _softmax_step(q, kt, vt, acc, m_i, l_i, qk_scale, row_ok[:, None], False, UPCAST, IEEE)
+            kx = tl.load(kc_head + page[:, None] * stride_kcb + off[:, None] * stride_kcs + d[None, :])
+            vx = tl.load(vc_head + page[:, None] * stride_vcb + off[:, None] * stride_vcs + d[None, :])
+            acc, m_i, l_i = _softmax_step(q, kx, vx, acc, m_i, l_i, qk_scale, row_ok[:, None], False, UPCAST, IEEE)
         if prefix_full < plen:
             pos = prefix_full + n
             pvalid = pos < plen
             page = tl.load(bt_row + pos // PAGE, mask=pvalid, other=0).to(tl.int64)
             off = pos % PAGE
-            kt = tl.load(kc_head + page[None, :] * stride_kcb + off[None, :] * stride_kcs + d[:, None],
-                         mask=pvalid[None, :], other=0.0)
-            vt = tl.load(vc_head + page[:, None] * stride_vcb + off[:, None] * stride_vcs + d[None, :],
+            kx = tl.load(kc_head + page[:, None] * stride_kcb + off[:, None] * stride_kcs + d[None, :],
                          mask=pvalid[:, None], other=0.0)
-            acc, m_i, l_i = _softmax_step(q, kt, vt, acc, m_i, l_i, qk_scale, pvalid[None, :], True, UPCAST, IEEE)
+            vx = tl.load(vc_head + page[:, None] * stride_vcb + off[:, None] * stride_vcs + d[None, :],
+                         mask=pvalid[:, None], other=0.0)
+            acc, m_i, l_i = _softmax_step(q, kx, vx, acc, m_i, l_i, qk_scale, pvalid[None, :], True, UPCAST, IEEE)
 
         # New tokens, causal. Tiles ending at or before the first query row are fully visible; the rest (at most
         # ceil(BLOCK_M / BLOCK_N) + 1 tiles) are masked. Each masked tile starts at or before q_start, so every row
@@ -144,18 +144,18 @@ if triton is not None:
         causal_full = ((q_start + 1) // BLOCK_N) * BLOCK_N
         for start in range(0, causal_full, BLOCK_N):
             pos = (start + n).to(tl.int64)
-            kt = tl.load(k_seq + pos[None, :] * stride_kt + d[:, None])
-            vt = tl.load(v_seq + pos[:, None] * stride_vt + d[None, :])
-            acc, m_i, l_i = _softmax_step(q, kt, vt, acc, m_i, l_i, qk_scale, row_ok[:, None], False, UPCAST, IEEE)
+            kx = tl.load(k_seq + pos[:, None] * stride_kt + d[None, :])
+            vx = tl.load(v_seq + pos[:, None] * stride_vt + d[None, :])
+            acc, m_i, l_i = _softmax_step(q, kx, vx, acc, m_i, l_i, qk_scale, row_ok[:, None], False, UPCAST, IEEE)
         causal_end = tl.minimum(q_start + BLOCK_M, seqlen)
         for start in range(causal_full, causal_end, BLOCK_N):
             pos = start + n
             kvalid = pos < seqlen
             pos64 = pos.to(tl.int64)
-            kt = tl.load(k_seq + pos64[None, :] * stride_kt + d[:, None], mask=kvalid[None, :], other=0.0)
-            vt = tl.load(v_seq + pos64[:, None] * stride_vt + d[None, :], mask=kvalid[:, None], other=0.0)
+            kx = tl.load(k_seq + pos64[:, None] * stride_kt + d[None, :], mask=kvalid[:, None], other=0.0)
+            vx = tl.load(v_seq + pos64[:, None] * stride_vt + d[None, :], mask=kvalid[:, None], other=0.0)
             valid = kvalid[None, :] & (pos[None, :] <= qpos[:, None])
-            acc, m_i, l_i = _softmax_step(q, kt, vt, acc, m_i, l_i, qk_scale, valid, True, UPCAST, IEEE)
+            acc, m_i, l_i = _softmax_step(q, kx, vx, acc, m_i, l_i, qk_scale, valid, True, UPCAST, IEEE)
 
         out = acc / l_i[:, None]
         o_ptrs = o_ptr + qtok[:, None] * stride_ot + (kvh * GROUP + g)[:, None] * stride_oh + d[None, :]
@@ -334,15 +334,21 @@ class PagedAttentionPlan:
     block_tables: torch.Tensor
 
 
-def _default_blocks(head_dim: int, group_pad: int, on_gpu: bool) -> tuple[int, int, int, int]:
-    """(block_m tokens, block_n keys, num_warps, num_stages); rows per tile = block_m * group_pad."""
+def _default_blocks(head_dim: int, group_pad: int, dtype: torch.dtype, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(block_m tokens, block_n keys, num_warps, num_stages); rows per tile = block_m * group_pad.
+
+    GPU values are the usual flash-attention forward shapes for sm_90 (128 rows x 64 keys, 8 warps at D=128), not
+    tuned on hardware yet; `python bench/bench_attention.py --sweep` times alternatives.
+    """
     if not on_gpu:
         # Interpreter: cost is per program instance, so use big tiles.
         return max(1, 64 // group_pad), 32, 4, 1
+    if dtype == torch.float32:
+        # ieee fp32 dots: no tensor-core path, and 128x64 fp32 tiles nearly fill shared memory.
+        return max(1, 64 // group_pad), 32, 4, 2
     rows = 128 if head_dim >= 64 else 64
-    block_m = max(1, rows // group_pad)
     num_warps = 8 if head_dim >= 128 else 4
-    return block_m, 64, num_warps, 3
+    return max(1, rows // group_pad), 64, num_warps, 3
 
 
 def _build_programs(cu_seqlens_q, prefix_lens, num_tokens: int, block_m: int) -> torch.Tensor:
@@ -369,25 +375,29 @@ def _build_programs(cu_seqlens_q, prefix_lens, num_tokens: int, block_m: int) ->
 
 
 def plan_paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, *, scale=1.0,
-                                block_m: int | None = None, block_n: int | None = None) -> PagedAttentionPlan:
+                                block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                                num_stages: int | None = None) -> PagedAttentionPlan:
     """Validate shapes and metadata values (one device sync) and build the Triton launch plan.
 
     Pass the result as `plan=` to `paged_prefix_attention` with the same metadata tensors to skip both the value
-    checks and the table build on every layer. block_m (tokens per program, power of two) and block_n (keys per
-    tile, power of two >= 16) override the defaults; block_m * next_pow2(Hq/Hkv) must be >= 16.
+    checks and the table build on every layer. block_m (tokens per program, power of two), block_n (keys per
+    tile, power of two >= 16), num_warps and num_stages override the defaults; block_m * next_pow2(Hq/Hkv) >= 16.
     """
     s = _check_args(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, scale)
     _check_metadata_values(block_tables, prefix_lens, cu_seqlens_q, s)
     group_pad = _next_pow2(s.num_q_heads // s.num_kv_heads)
-    dm, dn, warps, stages = _default_blocks(s.head_dim, group_pad, q.is_cuda)
+    dm, dn, dw, ds = _default_blocks(s.head_dim, group_pad, q.dtype, q.is_cuda)
     block_m = dm if block_m is None else block_m
     block_n = dn if block_n is None else block_n
+    num_warps = dw if num_warps is None else num_warps
+    num_stages = ds if num_stages is None else num_stages
     if not _is_pow2(block_m) or block_m * group_pad < 16:
         raise ValueError(f"block_m must be a power of two with block_m * {group_pad} >= 16, got {block_m}")
     if not _is_pow2(block_n) or block_n < 16:
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     programs = _build_programs(cu_seqlens_q, prefix_lens, s.num_tokens, block_m)
-    return PagedAttentionPlan(block_m, block_n, warps, stages, programs, cu_seqlens_q, prefix_lens, block_tables)
+    return PagedAttentionPlan(block_m, block_n, num_warps, num_stages, programs, cu_seqlens_q, prefix_lens,
+                              block_tables)
 
 
 # --------------------------------------------------------------------------------------------------------------------
