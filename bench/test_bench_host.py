@@ -1,6 +1,6 @@
 """pytest-benchmark entries for one host planning step (small workload; see bench_host.py for the full one).
 
-    pytest bench/test_bench_host.py --benchmark-enable
+Run: pytest bench/test_bench_host.py --benchmark-enable
 """
 
 from __future__ import annotations

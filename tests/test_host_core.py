@@ -86,10 +86,15 @@ def test_selector_refuses_stale_extension(monkeypatch):
         get_host_core("cpp")
 
 
-def test_setup_cuda_arch_parsing():
+def _setup_module():
     spec = importlib.util.spec_from_file_location("ixc_setup", Path(__file__).resolve().parents[1] / "setup.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # not __main__: defines helpers, runs no build
+    return mod
+
+
+def test_setup_cuda_arch_parsing():
+    mod = _setup_module()
     assert mod.cuda_gencode_flags("90;90a") == [
         "-gencode=arch=compute_90,code=sm_90",
         "-gencode=arch=compute_90a,code=sm_90a",
@@ -102,6 +107,19 @@ def test_setup_cuda_arch_parsing():
     for bad in ("", "hopper", "9"):
         with pytest.raises(ValueError):
             mod.cuda_gencode_flags(bad)
+
+
+def test_setup_cuda_hook(tmp_path, monkeypatch, capsys):
+    mod = _setup_module()
+    monkeypatch.chdir(tmp_path)
+    assert mod.cuda_extension() is None  # no csrc/cuda/*.cu: nothing to do, nothing said
+    (tmp_path / "csrc" / "cuda").mkdir(parents=True)
+    (tmp_path / "csrc" / "cuda" / "k.cu").write_text("__global__ void k() {}\n")
+    monkeypatch.delenv("IXC_CUDA_ARCHS", raising=False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert mod.cuda_extension() is None  # no arch list (and here no CUDA torch either): skipped with a note
+    assert "skipping csrc/cuda" in capsys.readouterr().err
+    assert [e.name for e in mod.ext_modules()] == ["ixc_engine._core"]
 
 
 # --------------------------------------------------------------------------------------------- block hashes

@@ -201,7 +201,8 @@ def block_hashes(keys: Any, block_size: int, seed: int = 0) -> np.ndarray:
     """Chained content hash of every FULL block of ``keys`` -> uint64[len(keys) // block_size].
 
     h_i depends on keys[0 : (i+1)*block_size] and the seed only (definition in the module docstring); a trailing
-    partial block gets no hash.
+    partial block gets no hash. Keys are token ids at text positions and 64-bit media keys at image positions, so
+    equal prompts with equal images give equal hashes.
     """
     block_size = _to_index(block_size, "block_size")
     if block_size < 1:
