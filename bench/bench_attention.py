@@ -9,24 +9,26 @@ On CUDA (bf16, D=128, Hq=32, Hkv=8), two cases, each against a torch SDPA baseli
           mask; the gather and concatenation are timed, as an engine without a paged kernel must do them.
 FLOPs = 4 * Hq * D * (attended (query, key) pairs): two matmuls (QK^T, PV) of 2 FLOPs per multiply-add, counting
 only the pairs the causal mask keeps, identical for kernel and baseline. Times are medians (triton do_bench).
-On CPU: a small shape on the torch reference path, labelled as such (no performance meaning).
+Timing and report lines come from bench/harness.py. On CPU: a small shape on the torch reference path, labelled
+as such (no performance meaning).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
+from harness import do_bench_median, report
 from ixc_engine.kernels.paged_attention import (
     paged_prefix_attention,
     paged_prefix_attention_ref,
     plan_paged_prefix_attention,
 )
 
+# DESIGN.md's dense bf16 matmul figure for H100/H200, the ceiling TFLOP/s are reported against.
+PEAK_TFLOPS = 790.0
 FLOP_RULE = "FLOPs = 4 * Hq * D * attended (query, key) pairs (QK^T and PV, causal-kept pairs only)"
 
 
@@ -92,18 +94,8 @@ def make_problem(lens, prefixes, *, hq=32, hkv=8, d=128, block_size=16, shared_p
                        1.0 / math.sqrt(d))
 
 
-def median_ms(fn, *, cuda: bool, reps: int = 5) -> float:
-    if cuda:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def median_ms(fn, *, cuda: bool) -> float:
+    return do_bench_median(fn, device="cuda" if cuda else "cpu")
 
 
 def _timing(name: str, ms: float, prob: AttnProblem) -> Timing:
@@ -242,9 +234,9 @@ def print_case(title: str, prob: AttnProblem, base_desc: str, base: Timing, kern
           f"Hq={prob.q.shape[1]} Hkv={prob.k.shape[1]} D={prob.q.shape[2]} block_size={prob.k_cache.shape[1]}, "
           f"{prob.q.dtype}, {prob.flops() / 1e9:.1f} GFLOP")
     print(f"   baseline: {base_desc}")
-    print(f"   {'baseline':<52s} {base.ms:9.3f} ms  {base.tflops:7.1f} TFLOP/s")
+    report(f"   baseline, {base.ms:.3f} ms", base.tflops, "TFLOP/s", ceiling=PEAK_TFLOPS)
     for t in kernels:
-        print(f"   {t.name:<52s} {t.ms:9.3f} ms  {t.tflops:7.1f} TFLOP/s  {base.ms / t.ms:5.2f}x baseline")
+        report(f"   {t.name}, {t.ms:.3f} ms", t.tflops, "TFLOP/s", ceiling=PEAK_TFLOPS, baseline=base.tflops)
     print(f"   max |kernel - baseline| = {err:.3e}")
 
 
@@ -263,7 +255,7 @@ def cuda_cases(block_size: int) -> dict[str, AttnProblem]:
 
 def run_cuda(block_size: int, do_sweep: bool):
     print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}")
-    print(FLOP_RULE)
+    print(f"{FLOP_RULE}; ceiling {PEAK_TFLOPS:.0f} TFLOP/s (DESIGN.md dense bf16 figure)")
     for title, prob in cuda_cases(block_size).items():
         dense = max(prob.prefixes) == 0
         fn, desc = (dense_baseline if dense else prefix_baseline)(prob)

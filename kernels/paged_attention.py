@@ -43,13 +43,14 @@ if triton is not None:
 
     @triton.jit
     def _softmax_step(q, k, v, acc, m_i, l_i, qk_scale, valid, MASKED: tl.constexpr, UPCAST: tl.constexpr,
-                      IEEE: tl.constexpr):
+                      F32_DOT: tl.constexpr):
         # One online-softmax update in base 2: s = (q . k) * scale * log2(e). k, v: [BLOCK_N, D].
+        # fp32 inputs use 3xTF32 dots (tensor cores, ~fp32 accuracy); plain ieee fp32 dots spill registers badly.
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        if F32_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="tf32x3")
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * qk_scale
@@ -60,8 +61,8 @@ if triton is not None:
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        if F32_DOT:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="tf32x3")
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
@@ -79,7 +80,7 @@ if triton is not None:
         qk_scale,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        UPCAST: tl.constexpr, IEEE: tl.constexpr,
+        UPCAST: tl.constexpr, F32_DOT: tl.constexpr,
     ):
         # Program = (query block of one sequence, kv head). Its tile has BLOCK_M tokens x GROUP_PAD query heads as
         # ROWS = BLOCK_M * GROUP_PAD rows (row r: token r // GROUP_PAD, head r % GROUP_PAD of the kv group), so each
@@ -124,7 +125,7 @@ if triton is not None:
             off = pos % PAGE
             kx = tl.load(kc_head + page[:, None] * stride_kcb + off[:, None] * stride_kcs + d[None, :])
             vx = tl.load(vc_head + page[:, None] * stride_vcb + off[:, None] * stride_vcs + d[None, :])
-            acc, m_i, l_i = _softmax_step(q, kx, vx, acc, m_i, l_i, qk_scale, row_ok[:, None], False, UPCAST, IEEE)
+            acc, m_i, l_i = _softmax_step(q, kx, vx, acc, m_i, l_i, qk_scale, row_ok[:, None], False, UPCAST, F32_DOT)
         if prefix_full < plen:
             pos = prefix_full + n
             pvalid = pos < plen
@@ -134,7 +135,7 @@ if triton is not None:
                          mask=pvalid[:, None], other=0.0)
             vx = tl.load(vc_head + page[:, None] * stride_vcb + off[:, None] * stride_vcs + d[None, :],
                          mask=pvalid[:, None], other=0.0)
-            acc, m_i, l_i = _softmax_step(q, kx, vx, acc, m_i, l_i, qk_scale, pvalid[None, :], True, UPCAST, IEEE)
+            acc, m_i, l_i = _softmax_step(q, kx, vx, acc, m_i, l_i, qk_scale, pvalid[None, :], True, UPCAST, F32_DOT)
 
         # New tokens, causal. Tiles ending at or before the first query row are fully visible; the rest (at most
         # ceil(BLOCK_M / BLOCK_N) + 1 tiles) are masked. Each masked tile starts at or before q_start, so every row
@@ -146,7 +147,7 @@ if triton is not None:
             pos = (start + n).to(tl.int64)
             kx = tl.load(k_seq + pos[:, None] * stride_kt + d[None, :])
             vx = tl.load(v_seq + pos[:, None] * stride_vt + d[None, :])
-            acc, m_i, l_i = _softmax_step(q, kx, vx, acc, m_i, l_i, qk_scale, row_ok[:, None], False, UPCAST, IEEE)
+            acc, m_i, l_i = _softmax_step(q, kx, vx, acc, m_i, l_i, qk_scale, row_ok[:, None], False, UPCAST, F32_DOT)
         causal_end = tl.minimum(q_start + BLOCK_M, seqlen)
         for start in range(causal_full, causal_end, BLOCK_N):
             pos = start + n
@@ -155,7 +156,7 @@ if triton is not None:
             kx = tl.load(k_seq + pos64[:, None] * stride_kt + d[None, :], mask=kvalid[:, None], other=0.0)
             vx = tl.load(v_seq + pos64[:, None] * stride_vt + d[None, :], mask=kvalid[:, None], other=0.0)
             valid = kvalid[None, :] & (pos[None, :] <= qpos[:, None])
-            acc, m_i, l_i = _softmax_step(q, kx, vx, acc, m_i, l_i, qk_scale, valid, True, UPCAST, IEEE)
+            acc, m_i, l_i = _softmax_step(q, kx, vx, acc, m_i, l_i, qk_scale, valid, True, UPCAST, F32_DOT)
 
         out = acc / l_i[:, None]
         o_ptrs = o_ptr + qtok[:, None] * stride_ot + (kvh * GROUP + g)[:, None] * stride_oh + d[None, :]
@@ -344,9 +345,9 @@ def _default_blocks(head_dim: int, group_pad: int, dtype: torch.dtype, on_gpu: b
         # Interpreter: cost is per program instance, so use big tiles.
         return max(1, 64 // group_pad), 32, 4, 1
     if dtype == torch.float32:
-        # ieee fp32 dots: no tensor-core path, and 128x64 fp32 tiles nearly fill shared memory.
+        # fp32 tiles take twice the registers and shared memory of bf16 ones.
         return max(1, 64 // group_pad), 32, 4, 2
-    rows = 128 if head_dim >= 64 else 64
+    rows = 128 if 64 <= head_dim <= 128 else 64
     num_warps = 8 if head_dim >= 128 else 4
     return max(1, rows // group_pad), 64, num_warps, 3
 
@@ -450,7 +451,7 @@ def paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens,
         float(scale) * _LOG2E,
         NUM_KV_HEADS=s.num_kv_heads, GROUP=group, GROUP_PAD=_next_pow2(group), HEAD_DIM=s.head_dim,
         PAGE=s.block_size, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        UPCAST=not q.is_cuda, IEEE=q.dtype == torch.float32,
+        UPCAST=not q.is_cuda, F32_DOT=q.dtype == torch.float32,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return out
