@@ -1,0 +1,544 @@
+"""End-to-end benchmark: the engine against the upstream-algorithm baseline (bench/upstream_baseline.py), same weights,
+same run.
+
+    python bench/bench_e2e.py [--device cuda] [--model real|tiny] [--layers 32] [--n-samples 48] [--ns 4,8,16]
+                              [--baseline-batch 8] [--json OUT]
+
+(a) corpus: single-image samples at hd_num 9 (one distinct photo each, varied sizes, a short chat each), scored
+    end to end (from image files: decode, resize, tokenize, ViT, LLM) and model only (samples prepared beforehand,
+    untimed); engine vs baseline samples/s and tokens/s, and MFU.
+(b) best-of-N: N = 4, 8, 16 candidate replies to one image prompt (hd_num 9); candidates/s of the engine with prefix
+    sharing on, off (EngineConfig(prefix_cache=False)) and the baseline (prompt and image re-encoded per candidate).
+
+Models: `--model real` is the IXC-2.5-Reward shape (InternLM2-7B + PLoRA rank 256 + ViT-L/14-560) with random weights
+built directly on the device in the run dtype (bf16 on CUDA); `--layers` cuts the LLM depth for memory or time.
+`--model tiny` is `ixc_engine.tiny.tiny_config()` (the default on CPU: figures then say nothing about GPU speed).
+Every timed call gets a fresh engine (cold prefix cache and media cache) and images no earlier call has seen; one
+warm-up call per scorer and shape family runs first, on other images. Times are wall-clock around the whole call,
+with torch.cuda.synchronize() on both sides on CUDA.
+
+MFU = useful FLOP/s / peak FLOP/s, the peak measured in this run by a large dense matmul in the run dtype. FLOP rule
+(printed by the script, see FLOP_RULE): only the work a sample needs, the same count for engine and baseline
+(padding, recomputed prefixes and the score head on every position are not useful work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from harness import do_bench_median
+from PIL import Image
+from upstream_baseline import UpstreamBaseline
+
+from ixc_engine.api import RewardEngine
+from ixc_engine.config import ModelConfig
+from ixc_engine.engine.engine import EngineConfig
+from ixc_engine.engine.sequence import PreparedSample, Sample
+from ixc_engine.media.image import image_token_count
+from ixc_engine.models.reward_model import IXCRewardModel
+from ixc_engine.tiny import PACKAGED_TOKENIZER, tiny_config
+from ixc_engine.tokenizer import Tokenizer
+
+FLOP_RULE = (
+    "useful FLOPs per sample = 2*P_llm*T + 2*P_plora*T_img + 4*Hq*D*layers*T(T+1)/2 (causal attention)\n"
+    "  + per image: crops*(2*P_vit*1601 + 4*1601^2*C_vit*layers_vit + 2*1600*P_patch) + 2*P_proj*T_img\n"
+    "  P_llm = decoder matmul weights (wqkv, wo, w1, w2, w3 of every layer; embedding lookup and score head not\n"
+    "  counted), P_plora = PLoRA A+B weights (run on image tokens only), T = real tokens of the sample, T_img = its\n"
+    "  image tokens; counted on real tokens only, identical for engine and baseline"
+)
+
+SIZES = [(1920, 1080), (1280, 960), (1024, 768), (1080, 1350), (800, 600), (1600, 1200), (2048, 1365), (720, 1280),
+         (1280, 720), (640, 480), (3000, 2000), (1000, 1000)]  # (width, height) of the synthetic photos, cycled
+WORDS = ("the a small red large blue car street building person dog tree sky window light shadow left right behind "
+         "near holds looks shows image picture photo detail colour bright dark wooden metal glass road sign two three "
+         "people standing sitting walking front background corner center table water mountain cloud")
+
+
+# --- inputs -----------------------------------------------------------------------------------------------------------
+def _words(rng: np.random.Generator, lo: int, hi: int) -> str:
+    n = int(rng.integers(lo, hi + 1))
+    text = " ".join(rng.choice(WORDS.split(), n))
+    return text[0].upper() + text[1:] + "."
+
+
+def synthetic_photo(path: Path, width: int, height: int, seed: int) -> Path:
+    """A JPEG with smooth colour gradients, a few blobs and sensor-like noise: photo-sized and photo-compressible."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.zeros((height, width, 3), np.float32)
+    for c in range(3):
+        fx, fy, ph = rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0), rng.uniform(0, 2 * np.pi)
+        img[..., c] = 128 + 80 * np.sin(2 * np.pi * (fx * xx / width + fy * yy / height) + ph)
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0.05, 0.3) * min(width, height)
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+        img += blob[..., None] * rng.uniform(-100, 100, 3).astype(np.float32)
+    img += rng.normal(0, 6, img.shape).astype(np.float32)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def source_photos(media_dir: str | None) -> list[Path]:
+    if media_dir is None:
+        return []
+    exts = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+    out = sorted(p for p in Path(media_dir).iterdir() if p.suffix.lower() in exts)
+    if not out:
+        raise ValueError(f"--media-dir {media_dir}: no image files (.jpg .jpeg .png .webp .bmp) in it")
+    return out
+
+
+def make_photo(out_dir: Path, index: int, seed: int, sources: list[Path]) -> Path:
+    """Photo number `index`: synthetic (size cycled from SIZES) or a random crop of a source photo, re-encoded so
+    that no two photos share bytes (the engine would encode identical images once: not what a corpus looks like)."""
+    path = out_dir / f"photo_{seed}_{index}.jpg"
+    if not sources:
+        w, h = SIZES[index % len(SIZES)]
+        return synthetic_photo(path, w, h, seed * 100_003 + index)
+    rng = np.random.default_rng(seed * 100_003 + index)
+    with Image.open(sources[index % len(sources)]) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        cw, ch = int(w * rng.uniform(0.7, 1.0)), int(h * rng.uniform(0.7, 1.0))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        im.crop((x0, y0, x0 + cw, y0 + ch)).save(path, quality=90)
+    return path
+
+
+def corpus_samples(out_dir: Path, n: int, seed: int, sources: list[Path]) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        photo = make_photo(out_dir, i, seed, sources)
+        messages = [{"role": "user", "content": "Describe this photo. " + _words(rng, 5, 25)},
+                    {"role": "assistant", "content": _words(rng, 30, 120)}]
+        samples.append(Sample(messages, [str(photo)], id=i))
+    return samples
+
+
+def best_of_n_request(out_dir: Path, n: int, seed: int, sources: list[Path]) -> tuple[list[dict], list[str], str]:
+    """One 1920x1080 (or source) photo prompt and n candidate replies of 20-150 words."""
+    rng = np.random.default_rng(seed)
+    if sources:
+        photo = make_photo(out_dir, 0, seed, sources)
+    else:
+        photo = synthetic_photo(out_dir / f"prompt_{seed}.jpg", 1920, 1080, seed)
+    messages = [{"role": "user", "content": "What is happening in this picture? " + _words(rng, 10, 30)}]
+    return messages, [_words(rng, 20, 150) for _ in range(n)], str(photo)
+
+
+# --- models -----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def init_random_(model: torch.nn.Module, seed: int) -> None:
+    """In place: linear/conv weights ~ N(0, 1/fan_in), norms 1 + N(0, 0.1^2), biases N(0, 0.02^2), embeddings and
+    separators N(0, 1) (activations of order one through all layers, also in bf16)."""
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or ".layer_norm" in name or "layrnorm.weight" in name:
+            p.normal_(1.0, 0.1, generator=gen)
+        elif name.endswith(".bias"):
+            p.normal_(0.0, 0.02, generator=gen)
+        elif "tok_embeddings" in name or "embedding" in name or name.endswith("_GN"):
+            p.normal_(0.0, 1.0, generator=gen)
+        else:
+            p.normal_(0.0, 1.0 / math.sqrt(math.prod(p.shape[1:])), generator=gen)
+
+
+def build_model(kind: str, device: torch.device, dtype: torch.dtype, layers: int | None, seed: int) -> IXCRewardModel:
+    """Random-weight model built on the meta device, cast, then materialised on `device` in `dtype` (no fp32 copy of
+    the 8B parameters on the host first)."""
+    if kind == "real":
+        cfg = ModelConfig(plora_rank=256, plora_alpha=256)
+    elif kind == "tiny":
+        cfg = tiny_config()
+    else:
+        raise ValueError(f"--model must be 'real' or 'tiny', got {kind!r}")
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"--layers must be >= 1, got {layers}")
+        cfg.num_hidden_layers = layers
+    with torch.device("meta"):
+        model = IXCRewardModel(cfg, cfg.plora_rank)
+    model = model.to(dtype).to_empty(device=device)
+    init_random_(model, seed)
+    return model.eval()
+
+
+def param_counts(cfg: ModelConfig, rank: int) -> dict[str, int]:
+    H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * D
+    shapes = [(H, qkv), (cfg.num_attention_heads * D, H), (H, I), (H, I), (I, H)]  # (in, out) of the PLoRA linears
+    v = cfg.vision
+    return {
+        "llm": cfg.num_hidden_layers * sum(i * o for i, o in shapes),
+        "plora": cfg.num_hidden_layers * sum(rank * (i + o) for i, o in shapes),
+        "vit_layer": 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size,
+        "patch": 3 * v.patch_size**2 * v.hidden_size,
+        "proj": v.merged_width * H + H * H,
+    }
+
+
+@dataclass(slots=True)
+class FlopCount:
+    llm: float = 0.0
+    plora: float = 0.0
+    attention: float = 0.0
+    vit: float = 0.0
+    projector: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.llm + self.plora + self.attention + self.vit + self.projector
+
+    def add(self, other: FlopCount) -> None:
+        for k in self.__slots__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+def sample_flops(cfg: ModelConfig, rank: int, n_tokens: int, image_grids: list[tuple[int, int]]) -> FlopCount:
+    """FLOP_RULE for one sample of `n_tokens` tokens holding images with crop grids (h, w)."""
+    pc = param_counts(cfg, rank)
+    v = cfg.vision
+    n_vit_tok = v.grid * v.grid + 1
+    per_crop = v.num_hidden_layers * (2 * pc["vit_layer"] * n_vit_tok + 4 * n_vit_tok**2 * v.hidden_size)
+    per_crop += 2 * v.grid * v.grid * pc["patch"]
+    t_img = sum(image_token_count(h, w) for h, w in image_grids)
+    crops = sum(1 + h * w for h, w in image_grids)
+    return FlopCount(
+        llm=2.0 * pc["llm"] * n_tokens,
+        plora=2.0 * pc["plora"] * t_img,
+        attention=4.0 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers * n_tokens * (n_tokens + 1) / 2,
+        vit=float(per_crop * crops),
+        projector=2.0 * pc["proj"] * t_img,
+    )
+
+
+def prepared_flops(cfg: ModelConfig, rank: int, preps: list[PreparedSample]) -> FlopCount:
+    out = FlopCount()
+    for p in preps:
+        out.add(sample_flops(cfg, rank, p.n_tokens, [(m.h, m.w) for m in p.media]))
+    return out
+
+
+# --- timing -----------------------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """Measured dense matmul FLOP/s in `dtype` (8192^3 on CUDA, 1024^3 on CPU): the MFU ceiling."""
+    n = 8192 if device.type == "cuda" else 1024
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    ms = do_bench_median(lambda: a @ b, device=device, warmup_ms=100, rep_ms=500)
+    return 2.0 * n**3 / (ms * 1e-3), f"{n}x{n}x{n} {str(dtype).removeprefix('torch.')} matmul, median of do_bench"
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- benchmark runs ---------------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Row:
+    bench: str
+    scorer: str
+    seconds: float
+    items: int  # samples or candidates
+    tokens: int  # tokens requested (the samples' full lengths)
+    items_per_s: float
+    tokens_per_s: float
+    mfu: float | None = None
+    speedup: float | None = None  # over the baseline row of the same bench
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Bench:
+    model: IXCRewardModel
+    tokenizer_path: str
+    device: torch.device
+    hd_num: int
+    max_batch_tokens: int
+    baseline_batch: int | None
+    workers: int
+    peak_flops: float
+    rank: int
+    rows: list[Row] = field(default_factory=list)
+
+    def engine(self, prefix_cache: bool = True) -> RewardEngine:
+        cfg = EngineConfig(hd_num=self.hd_num, max_batch_tokens=self.max_batch_tokens, prefix_cache=prefix_cache,
+                           workers=self.workers)
+        return RewardEngine.from_model(self.model, self.tokenizer_path, config=cfg)
+
+    def baseline(self) -> UpstreamBaseline:
+        return UpstreamBaseline(self.model, Tokenizer.from_file(self.tokenizer_path), hd_num=self.hd_num,
+                                batch_size=self.baseline_batch)
+
+    def run_baseline(self, fn: Callable[[UpstreamBaseline], object]) -> tuple[float, object, UpstreamBaseline]:
+        """Time fn(baseline); on out-of-memory halve the padded batch and run again (the batch used is reported)."""
+        while True:
+            base = self.baseline()
+            try:
+                secs, out = timed(functools.partial(fn, base), self.device)
+                return secs, out, base
+            except torch.cuda.OutOfMemoryError:
+                free_memory(self.device)
+                cur = self.baseline_batch or 1 << 30
+                if cur <= 1:
+                    raise
+                self.baseline_batch = max(1, min(cur, 64) // 2)
+                print(f"  baseline out of memory: padded batch now {self.baseline_batch}", flush=True)
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        mfu = f"{100 * row.mfu:5.1f}%" if row.mfu is not None else "    - "
+        spd = f"{row.speedup:6.2f}x" if row.speedup is not None else "     - "
+        print(f"  {row.bench:<24} {row.scorer:<22} {row.items_per_s:9.3f} /s {row.tokens_per_s:11.1f} tok/s "
+              f"MFU {mfu}  vs baseline {spd}  ({row.seconds:.2f} s)", flush=True)
+        return row
+
+
+def check_scores(name: str, scores) -> None:
+    bad = [s for s in scores if not math.isfinite(s)]
+    if bad:
+        raise RuntimeError(f"{name}: {len(bad)} non-finite scores (random weights overflowed or a bug): {bad[:3]}")
+
+
+def bench_corpus(b: Bench, tmp: Path, n: int, warm: int, seed: int, sources: list[Path], modes: list[str]) -> None:
+    """(a): samples/s and tokens/s of engine vs baseline, end to end and model only, plus MFU."""
+    cfg = b.model.cfg
+    samples = corpus_samples(tmp, n, seed, sources)
+    warm_samples = corpus_samples(tmp, warm, seed + 1, sources)
+    preps = b.engine(prefix_cache=False).engine.prepare(samples)
+    errors = [p for p in preps if not isinstance(p, PreparedSample)]
+    if errors:
+        raise RuntimeError(f"corpus sample could not be prepared: {errors[0]}")
+    tokens = sum(p.n_tokens for p in preps)
+    flops = prepared_flops(cfg, b.rank, preps)
+    print(f"(a) corpus: {n} single-image samples at hd_num {b.hd_num}, {tokens} tokens "
+          f"({tokens / n:.0f} per sample, {sum(len(p.media) for p in preps)} images, "
+          f"{sum(m.pixel_values.shape[0] for p in preps for m in p.media)} crops); useful work {flops.total:.3e} FLOP "
+          f"(LLM {flops.llm:.2e}, PLoRA {flops.plora:.2e}, attention {flops.attention:.2e}, ViT {flops.vit:.2e}, "
+          f"projector {flops.projector:.2e})", flush=True)
+    convs = [s.messages for s in samples]
+    images = [s.media for s in samples]
+    warm_convs, warm_images = [s.messages for s in warm_samples], [s.media for s in warm_samples]
+
+    b.engine().score(warm_convs, warm_images, hd_num=b.hd_num)
+    b.run_baseline(lambda base: base.score_conversations(warm_convs, warm_images))
+    free_memory(b.device)
+
+    for mode in modes:
+        eng = b.engine()
+        if mode == "end-to-end":
+            secs_e, s_e = timed(functools.partial(eng.score, convs, images, hd_num=b.hd_num), b.device)
+        else:
+            secs_e, s_e = timed(functools.partial(eng.engine.score_prepared, preps), b.device)
+        st = eng.stats()
+        del eng
+        free_memory(b.device)
+        if mode == "end-to-end":
+            secs_b, s_b, base = b.run_baseline(lambda base: base.score_conversations(convs, images))
+        else:
+            secs_b, s_b, base = b.run_baseline(lambda base: base.score_prepared(preps))
+        check_scores("engine", s_e)
+        check_scores("baseline", s_b)
+        diff = max(abs(x - y) for x, y in zip(s_e, s_b))
+        name = f"corpus {mode}"
+        b.add(Row(name, "upstream baseline", secs_b, n, tokens, n / secs_b, tokens / secs_b,
+                  mfu=flops.total / secs_b / b.peak_flops,
+                  extra={"padded_tokens": base.stats.padded_tokens, "padded_batch": b.baseline_batch,
+                         "vit_calls": base.stats.vit_calls}))
+        b.add(Row(name, "engine", secs_e, n, tokens, n / secs_e, tokens / secs_e,
+                  mfu=flops.total / secs_e / b.peak_flops, speedup=secs_b / secs_e,
+                  extra={"tokens_computed": st["tokens_computed"], "batches": st["batches"],
+                         "cpu_seconds": round(st["cpu_seconds"], 3), "gpu_seconds": round(st["gpu_seconds"], 3),
+                         "max_abs_score_diff_vs_baseline": diff}))
+        print(f"    engine split: {st['cpu_seconds']:.2f} s preparation, {st['gpu_seconds']:.2f} s in the runner; "
+              f"baseline ran {base.stats.padded_tokens} padded tokens for {tokens} real; "
+              f"max |score engine - baseline| {diff:.3g}", flush=True)
+
+
+def bench_best_of_n(b: Bench, tmp: Path, ns: list[int], seed: int, sources: list[Path]) -> None:
+    """(b): candidates/s with sharing on vs off vs the baseline, N candidates on one image prompt."""
+    for mode_seed, run in enumerate(("warm-up", *ns)):
+        n = 2 if run == "warm-up" else run
+        messages, cands, photo = best_of_n_request(tmp, n, seed + 1000 + mode_seed, sources)
+        figures: dict[str, tuple[float, int, dict]] = {}
+        for scorer in ("sharing on", "sharing off"):
+            eng = b.engine(prefix_cache=scorer == "sharing on")
+            call = functools.partial(eng.best_of_n, messages, cands, images=[photo], hd_num=b.hd_num)
+            secs, (_, scores) = timed(call, b.device)
+            check_scores(scorer, scores)
+            figures[scorer] = (secs, eng.stats()["tokens_requested"], eng.stats())
+            del eng
+            free_memory(b.device)
+        secs, scores, base = b.run_baseline(functools.partial(UpstreamBaseline.best_of_n, messages=messages,
+                                                              candidates=cands, images=[photo]))
+        check_scores("baseline", scores)
+        figures["upstream baseline"] = (secs, base.stats.tokens, base.stats.as_dict())
+        if run == "warm-up":
+            continue
+        name = f"best-of-{n}"
+        base_secs = figures["upstream baseline"][0]
+        for scorer in ("upstream baseline", "sharing off", "sharing on"):
+            secs, tokens, st = figures[scorer]
+            extra = {"tokens_computed": st["tokens_computed"], "prefix_tokens_reused": st["prefix_tokens_reused"]} \
+                if scorer != "upstream baseline" else {"padded_tokens": st["padded_tokens"]}
+            if scorer == "sharing on":
+                extra["speedup_vs_sharing_off"] = figures["sharing off"][0] / secs
+            b.add(Row(name, "engine " + scorer if scorer != "upstream baseline" else scorer, secs, n, tokens,
+                      n / secs, tokens / secs, speedup=None if scorer == "upstream baseline" else base_secs / secs,
+                      extra=extra))
+        on, off = figures["sharing on"], figures["sharing off"]
+        print(f"    sharing on/off: {off[0] / on[0]:.2f}x candidates/s; tokens computed {on[2]['tokens_computed']} vs "
+              f"{off[2]['tokens_computed']} of {on[1]} requested", flush=True)
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", choices=("real", "tiny"), default=None, help="default: real on CUDA, tiny on CPU")
+    ap.add_argument("--layers", type=int, default=None, help="LLM layers (default: the config's, 32 for real)")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--n-samples", type=int, default=None, help="corpus samples (default 48 on CUDA, 3 on CPU)")
+    ap.add_argument("--warmup-samples", type=int, default=None, help="default 4 on CUDA, 1 on CPU")
+    ap.add_argument("--ns", default=None, help="best-of-N candidate counts, comma separated (default 4,8,16 on "
+                    "CUDA, 4,8 on CPU)")
+    ap.add_argument("--hd-num", type=int, default=9)
+    ap.add_argument("--baseline-batch", type=int, default=None,
+                    help="samples per right-padded baseline batch (default 8 on CUDA, 4 on CPU; 0: whole request)")
+    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--workers", type=int, default=0, help="engine preprocessing processes (EngineConfig.workers)")
+    ap.add_argument("--media-dir", default=None, help="crop photos from this folder instead of synthetic ones")
+    ap.add_argument("--skip", choices=("end-to-end", "model-only", "best-of-n"), action="append", default=[],
+                    help="leave out a part (repeatable)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default 1 on CPU: steady timings on a shared machine; torch's own on CUDA)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write all figures to this JSON file")
+    args = ap.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA GPU")
+    gpu = args.device.type == "cuda"
+    args.model = args.model or ("real" if gpu else "tiny")
+    args.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if gpu else "fp32")]
+    args.n_samples = args.n_samples if args.n_samples is not None else (48 if gpu else 3)
+    args.warmup_samples = args.warmup_samples if args.warmup_samples is not None else (4 if gpu else 1)
+    args.ns = args.ns or ("4,8,16" if gpu else "4,8")
+    args.threads = args.threads if args.threads is not None or gpu else 1
+    if args.baseline_batch is None:
+        args.baseline_batch = 8 if gpu else 4
+    args.baseline_batch = args.baseline_batch or None
+    try:
+        args.ns = [int(x) for x in args.ns.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--ns must be comma-separated integers, got {args.ns!r}")
+    for name in ("n_samples", "warmup_samples", "hd_num", "max_batch_tokens"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.ns or min(args.ns) < 1:
+        ap.error(f"--ns needs positive candidate counts, got {args.ns}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    dev, dtype = args.device, args.dtype
+    if dev.type == "cpu":
+        print("NOTE: CPU run with the tiny model unless --model real: figures check the harness, they say nothing "
+              "about GPU performance.", flush=True)
+    model = build_model(args.model, dev, dtype, args.layers, args.seed)
+    cfg = model.cfg
+    rank = model.model.layers[0].attention.wqkv.Plora_A.weight.shape[0]
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {args.model}, {cfg.num_hidden_layers} LLM layers, hidden {cfg.hidden_size}, PLoRA rank {rank}, "
+          f"ViT {cfg.vision.num_hidden_layers}x{cfg.vision.hidden_size}; {n_params / 1e9:.3f}B params in "
+          f"{str(dtype).removeprefix('torch.')} on {dev} ({machine().get('gpu', platform.processor() or 'cpu')}), "
+          f"built in {time.perf_counter() - t_start:.1f} s", flush=True)
+    peak, peak_how = matmul_peak(dev, dtype)
+    pc = param_counts(cfg, rank)
+    per_tok = 2.0 * pc["llm"]
+    print(f"peak: {peak / 1e12:.2f} TFLOP/s ({peak_how}); LLM linear FLOPs per token {per_tok:.3e} -> at most "
+          f"{peak / per_tok:.0f} tokens/s before attention, ViT and PLoRA", flush=True)
+    print("FLOP rule: " + FLOP_RULE, flush=True)
+    print(f"baseline: right-padded batches of {args.baseline_batch or 'the whole request'} samples, eager attention, "
+          f"per-image ViT; engine: max_batch_tokens {args.max_batch_tokens}, workers {args.workers}", flush=True)
+    b = Bench(model, str(PACKAGED_TOKENIZER), dev, args.hd_num, args.max_batch_tokens, args.baseline_batch,
+              args.workers, peak, rank)
+    sources = source_photos(args.media_dir)
+    with tempfile.TemporaryDirectory(prefix="ixc_bench_") as tmp:
+        modes = [m for m in ("end-to-end", "model-only") if m not in args.skip]
+        if modes:
+            bench_corpus(b, Path(tmp), args.n_samples, args.warmup_samples, args.seed, sources, modes)
+        if "best-of-n" not in args.skip:
+            print(f"(b) best-of-N on one image prompt at hd_num {args.hd_num}, N = {args.ns}", flush=True)
+            bench_best_of_n(b, Path(tmp), args.ns, args.seed, sources)
+    wall = time.perf_counter() - t_start
+    print(f"total wall time {wall:.1f} s", flush=True)
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(),
+        "device": str(dev),
+        "model": args.model,
+        "layers": cfg.num_hidden_layers,
+        "dtype": str(dtype).removeprefix("torch."),
+        "hd_num": args.hd_num,
+        "peak_flops": peak,
+        "peak_how": peak_how,
+        "flop_rule": FLOP_RULE,
+        "baseline_batch": b.baseline_batch,
+        "max_batch_tokens": args.max_batch_tokens,
+        "wall_seconds": wall,
+        "rows": [asdict(r) for r in b.rows],
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
