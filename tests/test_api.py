@@ -85,3 +85,18 @@ def test_pil_images_and_paths_agree(tiny_ckpt, photo):
     by_path = eng.score([PROMPT], [[photo]])
     by_pil = eng.score([PROMPT], [[Image.open(photo)]])
     assert by_path == pytest.approx(by_pil, rel=1e-6)
+
+
+def test_worker_processes_give_the_same_scores(tiny_ckpt, photo):
+    from ixc_engine.engine.sequence import Sample
+
+    samples = [Sample(PROMPT + [{"role": "assistant", "content": c}], [photo] if i % 2 else [], id=i)
+               for i, c in enumerate(CANDIDATES)]
+    samples.insert(2, Sample([{"role": "robot", "content": "x"}], id="bad"))
+    inline = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=EngineConfig(window=3))
+    pooled = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=EngineConfig(window=3, workers=2))
+    a, b = list(inline.score_stream(samples)), list(pooled.score_stream(samples))
+    assert [(r.index, r.id, r.error is None) for r in a] == [(r.index, r.id, r.error is None) for r in b]
+    assert [r.score for r in a if r.score is not None] == pytest.approx(
+        [r.score for r in b if r.score is not None], rel=1e-5)
+    assert a[2].error and "robot" in a[2].error

@@ -13,8 +13,21 @@ from .losses import (
 from .pairs import LengthFilterReport, PairError, PreferencePair, length_filter, load_pairs
 
 __all__ = [
-    "PreferencePair", "PairError", "LengthFilterReport", "load_pairs", "length_filter", "gae", "gae_ref",
-    "bradley_terry_loss", "pairwise_scores_from_hidden", "bt_loss_from_hidden", "PairwiseOutput",
-    "clipped_value_loss", "value_loss_terms", "critic_step", "values_to_padded", "padded_to_values",
+    "LengthFilterReport",
+    "PairError",
+    "PairwiseOutput",
+    "PreferencePair",
+    "bradley_terry_loss",
+    "bt_loss_from_hidden",
+    "clipped_value_loss",
+    "critic_step",
+    "gae",
+    "gae_ref",
+    "length_filter",
+    "load_pairs",
+    "padded_to_values",
+    "pairwise_scores_from_hidden",
     "state_mask_from_action_mask",
+    "value_loss_terms",
+    "values_to_padded",
 ]

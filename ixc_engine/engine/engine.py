@@ -4,7 +4,7 @@ cached prefixes through the paged KV cache, and yields scores in input order."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,21 +116,18 @@ class ScoringEngine:
         self._block_sum = np.zeros(num_blocks, dtype=np.float64)
 
     # --- preparation ----------------------------------------------------------------------------------------------
-    def prepare(self, samples: list[Sample], pool: ProcessPoolExecutor | None = None) -> list[PreparedSample | SampleError]:
+    def prepare(self, samples: list[Sample]) -> list[PreparedSample | SampleError]:
+        """Inline preparation (tokenize, decode, crop); identical media in the list are loaded once."""
         t0 = time.perf_counter()
-        if pool is None:
-            media_cache: dict = {}
-            out = []
-            for s in samples:
-                try:
-                    out.append(prepare_sample(
-                        self.tokenizer, s, hd_num=self.cfg.hd_num, max_length=self.max_length, media_cache=media_cache
-                    ))
-                except SampleError as exc:
-                    out.append(exc)
-        else:
-            args = [(self.tokenizer_path, s, self.cfg.hd_num, self.max_length) for s in samples]
-            out = list(pool.map(_prepare_worker, args))
+        media_cache: dict = {}
+        out: list[PreparedSample | SampleError] = []
+        for s in samples:
+            try:
+                out.append(prepare_sample(
+                    self.tokenizer, s, hd_num=self.cfg.hd_num, max_length=self.max_length, media_cache=media_cache
+                ))
+            except SampleError as exc:
+                out.append(exc)
         self.stats.cpu_seconds += time.perf_counter() - t0
         return out
 
@@ -247,33 +244,51 @@ class ScoringEngine:
         return mcfg.rope_scaling_factor == 1.0 or p.n_tokens <= mcfg.max_position_embeddings
 
     # --- streaming ------------------------------------------------------------------------------------------------
-    def score_stream(
-        self, samples: Iterable[Sample | tuple[int, Sample | SampleError]],
-        on_result: Callable[[ScoreResult], None] | None = None,
-    ) -> Iterator[ScoreResult]:
+    def score_stream(self, samples: Iterable[Sample | tuple[int, Sample | SampleError]]) -> Iterator[ScoreResult]:
         """Score an iterable of samples window by window; results come in input order, errors as results too.
 
         Items may be `Sample`s or `(index, Sample | SampleError)` pairs (the CLI passes parse errors through so that
-        every input line gets exactly one result).
+        every input line gets exactly one result). With `workers > 0` the next window is prepared in worker processes
+        while the current one is on the device.
         """
         pool = ProcessPoolExecutor(self.cfg.workers) if self.cfg.workers > 0 else None
         try:
-            window: list[tuple[int, Sample | SampleError]] = []
-            for counter, item in enumerate(samples):
-                window.append(item if isinstance(item, tuple) else (counter, item))
-                if len(window) >= self.cfg.window:
-                    yield from self._score_window(window, pool)
-                    window = []
-            if window:
-                yield from self._score_window(window, pool)
+            pending = None
+            for window in self._windows(samples):
+                submitted = self._submit(window, pool)
+                if pending is not None:
+                    yield from self._finish(*pending)
+                pending = (window, submitted)
+            if pending is not None:
+                yield from self._finish(*pending)
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
 
-    def _score_window(self, window, pool) -> Iterator[ScoreResult]:
-        real = [(k, s) for k, (_, s) in enumerate(window) if isinstance(s, Sample)]
-        prepared = self.prepare([s for _, s in real], pool)
-        outcome: dict[int, PreparedSample | SampleError] = {k: p for (k, _), p in zip(real, prepared)}
+    def _windows(self, samples) -> Iterator[list[tuple[int, Sample | SampleError]]]:
+        window: list[tuple[int, Sample | SampleError]] = []
+        for counter, item in enumerate(samples):
+            window.append(item if isinstance(item, tuple) else (counter, item))
+            if len(window) >= self.cfg.window:
+                yield window
+                window = []
+        if window:
+            yield window
+
+    def _submit(self, window, pool):
+        """Start preparing a window: futures in worker processes, or the finished list when inline."""
+        real = [s for _, s in window if isinstance(s, Sample)]
+        if pool is None:
+            return self.prepare(real)
+        args = [(self.tokenizer_path, s, self.cfg.hd_num, self.max_length) for s in real]
+        return [pool.submit(_prepare_worker, a) for a in args]
+
+    def _finish(self, window, submitted) -> Iterator[ScoreResult]:
+        t0 = time.perf_counter()
+        prepared = [f.result() if hasattr(f, "result") else f for f in submitted]
+        self.stats.cpu_seconds += time.perf_counter() - t0 if submitted and hasattr(submitted[0], "result") else 0.0
+        real = [k for k, (_, s) in enumerate(window) if isinstance(s, Sample)]
+        outcome: dict[int, PreparedSample | SampleError] = dict(zip(real, prepared))
         ok = [(k, p) for k, p in outcome.items() if isinstance(p, PreparedSample)]
         scores = self.score_prepared([p for _, p in ok]) if ok else []
         score_of = {k: s for (k, _), s in zip(ok, scores)}

@@ -47,6 +47,8 @@ class ForwardContext:
     prefix_lens: torch.Tensor | None = None
     slot_mapping: torch.Tensor | None = None
     backend: str = "torch"
+    attn_plan: object = None  # built by the first layer, reused by the others (Triton backend)
+    empty_prefix: tuple | None = None
 
     @property
     def has_prefix(self) -> bool:
@@ -146,24 +148,31 @@ class Attention(nn.Module):
 
 
 def _attention(q, k, v, ctx: ForwardContext, layer_idx: int, scale: float) -> torch.Tensor:
-    from ixc_engine.kernels.paged_attention import paged_prefix_attention, write_kv_cache
+    from ixc_engine.kernels.paged_attention import (
+        paged_prefix_attention,
+        plan_paged_prefix_attention,
+        write_kv_cache,
+    )
 
     cache = ctx.kv_cache
     if cache is not None and ctx.slot_mapping is not None:
         write_kv_cache(k, v, cache.k[layer_idx], cache.v[layer_idx], ctx.slot_mapping)
+    if not ctx.has_prefix and ctx.backend != "triton":
+        return varlen_causal_attention_ref(q, k, v, ctx.cu_seqlens.tolist(), scale)
     if ctx.has_prefix:
-        return paged_prefix_attention(
-            q, k, v, cache.k[layer_idx], cache.v[layer_idx], ctx.block_tables, ctx.prefix_lens, ctx.cu_seqlens,
-            scale=scale, backend=ctx.backend,
-        )
-    if ctx.backend == "triton":  # varlen causal attention: the same kernel with empty prefixes
-        n = ctx.cu_seqlens.shape[0] - 1
-        empty = q.new_empty((1, 16, k.shape[1], k.shape[2]))
-        no_blocks = torch.zeros((n, 1), dtype=torch.int32, device=q.device)
-        no_prefix = torch.zeros(n, dtype=torch.int32, device=q.device)
-        return paged_prefix_attention(q, k, v, empty, empty, no_blocks, no_prefix, ctx.cu_seqlens, scale=scale,
-                                      backend="triton")
-    return varlen_causal_attention_ref(q, k, v, ctx.cu_seqlens.tolist(), scale)
+        kc, vc, tables, prefix = cache.k[layer_idx], cache.v[layer_idx], ctx.block_tables, ctx.prefix_lens
+    else:  # varlen causal attention: the same kernel with empty prefixes (metadata made once per forward)
+        if ctx.empty_prefix is None:
+            n = ctx.cu_seqlens.shape[0] - 1
+            ctx.empty_prefix = (q.new_empty((1, 16, k.shape[1], k.shape[2])),
+                                torch.zeros((n, 1), dtype=torch.int32, device=q.device),
+                                torch.zeros(n, dtype=torch.int32, device=q.device))
+        kc, tables, prefix = ctx.empty_prefix
+        vc = kc
+    if ctx.backend == "triton" and ctx.attn_plan is None:  # one metadata check + work table for all layers
+        ctx.attn_plan = plan_paged_prefix_attention(q, k, v, kc, vc, tables, prefix, ctx.cu_seqlens, scale=scale)
+    return paged_prefix_attention(q, k, v, kc, vc, tables, prefix, ctx.cu_seqlens, scale=scale, backend=ctx.backend,
+                                  plan=ctx.attn_plan)
 
 
 class FeedForward(nn.Module):
