@@ -11,14 +11,15 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from bench_e2e import build_model, corpus_samples, prepared_flops, sample_flops, synthetic_photo
+from bench_e2e import build_model, corpus_samples, init_random_, prepared_flops, sample_flops, synthetic_photo
 from upstream_baseline import UpstreamBaseline
 
 from ixc_engine.api import RewardEngine
 from ixc_engine.config import ModelConfig
 from ixc_engine.engine.engine import EngineConfig
 from ixc_engine.engine.sequence import Sample
-from ixc_engine.tiny import PACKAGED_TOKENIZER
+from ixc_engine.models.reward_model import IXCRewardModel
+from ixc_engine.tiny import PACKAGED_TOKENIZER, tiny_config
 from ixc_engine.tokenizer import Tokenizer
 
 CPU = torch.device("cpu")
@@ -101,6 +102,19 @@ def test_baseline_equals_engine_mean_pooling(photos):
     convs, images = mixed_request(photos)
     convs, images = convs[:3], images[:3]
     assert baseline(m).score_conversations(convs, images) == pytest.approx(
+        engine(m).score(convs, images), rel=1e-4, abs=1e-4)
+
+
+def test_baseline_equals_engine_real_head_grouping(photos):
+    """4 query heads per KV head as in the release (the tiny default has 2), odd FFN width, PLoRA scale != 1."""
+    cfg = tiny_config(num_attention_heads=8, num_key_value_heads=2, intermediate_size=88, plora_alpha=12)
+    with torch.device("meta"):
+        m = IXCRewardModel(cfg, cfg.plora_rank)
+    m = m.to_empty(device=CPU)
+    init_random_(m, seed=5)
+    convs, images = mixed_request(photos)
+    convs, images = convs[:3], images[:3]
+    assert baseline(m, batch_size=2).score_conversations(convs, images) == pytest.approx(
         engine(m).score(convs, images), rel=1e-4, abs=1e-4)
 
 
