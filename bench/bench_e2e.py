@@ -300,13 +300,14 @@ class Bench:
     max_batch_tokens: int
     baseline_batch: int | None
     workers: int
+    window: int
     peak_flops: float
     rank: int
     rows: list[Row] = field(default_factory=list)
 
     def engine(self, prefix_cache: bool = True) -> RewardEngine:
         cfg = EngineConfig(hd_num=self.hd_num, max_batch_tokens=self.max_batch_tokens, prefix_cache=prefix_cache,
-                           workers=self.workers)
+                           workers=self.workers, window=self.window)
         return RewardEngine.from_model(self.model, self.tokenizer_path, config=cfg)
 
     def baseline(self) -> UpstreamBaseline:
@@ -458,6 +459,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "needs ~10 bytes x 32 heads x B x L^2 for eager attention: over 50 GB for 16 x 3.2k tokens)")
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--workers", type=int, default=0, help="engine preprocessing processes (EngineConfig.workers)")
+    ap.add_argument("--window", type=int, default=EngineConfig().window,
+                    help="samples per engine window (EngineConfig.window); with --workers the next window is "
+                    "prepared while the current one runs")
     ap.add_argument("--media-dir", default=None, help="crop photos from this folder instead of synthetic ones")
     ap.add_argument("--skip", choices=("end-to-end", "model-only", "best-of-n"), action="append", default=[],
                     help="leave out a part (repeatable)")
@@ -483,7 +487,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.ns = [int(x) for x in args.ns.split(",") if x.strip()]
     except ValueError:
         ap.error(f"--ns must be comma-separated integers, got {args.ns!r}")
-    for name in ("n_samples", "warmup_samples", "hd_num", "max_batch_tokens"):
+    for name in ("n_samples", "warmup_samples", "hd_num", "max_batch_tokens", "window"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.ns or min(args.ns) < 1:
@@ -515,9 +519,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{peak / per_tok:.0f} tokens/s before attention, ViT and PLoRA", flush=True)
     print("FLOP rule: " + FLOP_RULE, flush=True)
     print(f"baseline: right-padded batches of {args.baseline_batch or 'the whole request'} samples, eager attention, "
-          f"per-image ViT; engine: max_batch_tokens {args.max_batch_tokens}, workers {args.workers}", flush=True)
+          f"per-image ViT; engine: max_batch_tokens {args.max_batch_tokens}, workers {args.workers}, window "
+          f"{args.window}", flush=True)
     b = Bench(model, str(PACKAGED_TOKENIZER), dev, args.hd_num, args.max_batch_tokens, args.baseline_batch,
-              args.workers, peak, rank)
+              args.workers, args.window, peak, rank)
     sources = source_photos(args.media_dir)
     with tempfile.TemporaryDirectory(prefix="ixc_bench_") as tmp:
         modes = [m for m in ("end-to-end", "model-only") if m not in args.skip]
