@@ -1,7 +1,7 @@
 """A deterministic generator of coloured-shape pictures with correct and wrong descriptions.
 
 It feeds the demo reward model (``examples/make_demo_model.py``): a picture holds 1-3 filled shapes (circle, square,
-triangle in red, green, blue or yellow) on white, each in its own cell of a 2x2 grid so shapes never overlap. All
+triangle in red, green, blue or yellow) on white, each in its own cell of a grid so shapes never overlap. All
 shapes have the same size, so a colour's area says something about the count and the kind.
 
 The correct description lists every (colour, kind) group with its count ("A red circle and two blue squares.");
@@ -60,20 +60,22 @@ class Scene:
 
 
 def random_scene(rng: random.Random, width: int = 112, height: int = 112, max_shapes: int = 3) -> Scene:
-    """1..max_shapes shapes in distinct cells of a 2x2 grid, all of one size (75% of the cell, so a colour's area
-    tells count and kind apart), jittered inside their cell. Colour and kind are drawn independently per shape."""
+    """1..max_shapes shapes, each in its own cell of the smallest grid with max_shapes cells (1x1, 2x1 or 2x2), all
+    of one size (75% of a cell's short side, so a colour's area tells count and kind apart), jittered inside their
+    cell. Colour and kind are drawn independently per shape."""
     if not 1 <= max_shapes <= 4:
         raise ValueError(f"max_shapes must be in 1..4 (one shape per cell of a 2x2 grid), got {max_shapes}")
     if width < 32 or height < 32:
         raise ValueError(f"width and height must be >= 32 pixels, got {width}x{height}")
+    cols, rows = {1: (1, 1), 2: (2, 1)}.get(max_shapes, (2, 2))
     n = rng.randint(1, max_shapes)
-    cw, ch = width / 2, height / 2
+    cw, ch = width / cols, height / rows
     size = min(cw, ch) * 0.75
     slack_x, slack_y = (cw - size) / 2, (ch - size) / 2
-    cells = rng.sample(range(4), n)
+    cells = rng.sample(range(cols * rows), n)
     shapes = []
     for cell in cells:
-        col, row = cell % 2, cell // 2
+        col, row = cell % cols, cell // cols
         cx = (col + 0.5) * cw + rng.uniform(-slack_x, slack_x) * 0.8
         cy = (row + 0.5) * ch + rng.uniform(-slack_y, slack_y) * 0.8
         shapes.append(Shape(rng.choice(KINDS), rng.choice(list(COLOURS)), cx, cy, size))
