@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["RewardEngine", "EngineConfig", "Sample", "__version__"]
+__all__ = ["EngineConfig", "RewardEngine", "Sample", "__version__"]
 
 
 def __getattr__(name: str):

@@ -132,6 +132,10 @@ class RewardEngine:
         self.engine.cfg.hd_num = hd_num
         return self.engine.score_stream(samples)
 
+    def close(self) -> None:
+        """Stop preprocessing worker processes (EngineConfig.workers > 0); the engine stays usable."""
+        self.engine.close()
+
     def stats(self) -> dict[str, float | int]:
         """Tokens requested/computed, prefix tokens reused, ViT media/crops encoded, CPU/GPU seconds."""
         return self.engine.stats.as_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=0, help="processes for CPU preprocessing (default 0: inline)")
     s.add_argument("--no-prefix-cache", action="store_true", help="disable shared-prefix reuse")
     s.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
-                   help="score only lines with (line-1) %% N == I; output goes to <output>.shardI-of-N.jsonl")
+                   help="score only lines with (line-1) %% N == I; output goes to <output>.shardI-of-N.jsonl "
+                   "(under torchrun: RANK/WORLD_SIZE, device cuda:LOCAL_RANK)")
     s.add_argument("--restart", action="store_true", help="ignore existing output and start over")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -100,6 +102,11 @@ def cmd_score(args) -> int:
     if not args.corpus.is_file():
         print(f"error: corpus {args.corpus} not found", file=sys.stderr)
         return 2
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.shard == (0, 1):  # under torchrun: one shard per rank, one GPU per local rank
+        args.shard = (int(os.environ.get("RANK", "0")), world)
+        if args.device is None:
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     out_path = shard_output(args.output, args.shard)
     cfg = EngineConfig(
         hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window, workers=args.workers,

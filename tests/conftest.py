@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
+
+# Kernel tests run the Triton kernels through the interpreter on CPU-only machines. It must be set before any module
+# imports triton, and conftest is imported before the test modules.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

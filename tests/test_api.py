@@ -100,3 +100,23 @@ def test_worker_processes_give_the_same_scores(tiny_ckpt, photo):
     assert [r.score for r in a if r.score is not None] == pytest.approx(
         [r.score for r in b if r.score is not None], rel=1e-5)
     assert a[2].error and "robot" in a[2].error
+
+
+def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_ckpt, monkeypatch):
+    import torch
+
+    eng = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=EngineConfig(prefix_cache=False))
+    convs = [PROMPT + [{"role": "assistant", "content": c}] for c in CANDIDATES]
+    want = eng.score(convs)
+    from ixc_engine.engine.runner import ModelRunner
+
+    real_run = ModelRunner.run
+
+    def flaky(self, plans, **kw):  # pretend the device cannot hold more than two sequences at once
+        if len(plans) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_run(self, plans, **kw)
+
+    monkeypatch.setattr(ModelRunner, "run", flaky)
+    assert eng.score(convs) == pytest.approx(want, rel=1e-5)
+    assert eng.stats()["oom_splits"] >= 2

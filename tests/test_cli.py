@@ -140,3 +140,13 @@ def test_init_tiny(tmp_path):
     names = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert names == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                      "model.safetensors.index.json", "tokenizer.model"]
+
+
+def test_torchrun_environment_selects_the_shard(corpus, tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "tr.jsonl"
+    assert main(["score", str(corpus), "--model", str(tiny_ckpt), "-o", str(out), "--no-progress",
+                 "--device", "cpu"]) == 0
+    lines = [r["line"] for r in _read(tmp_path / "tr.shard1-of-2.jsonl")]
+    assert lines and all(ln % 2 == 0 for ln in lines)

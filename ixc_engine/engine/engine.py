@@ -3,6 +3,7 @@ cached prefixes through the paged KV cache, and yields scores in input order."""
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -96,6 +97,7 @@ class ScoringEngine:
     _host: Any = None
     _blocks: Any = None
     _block_sum: np.ndarray | None = None
+    _pool: ProcessPoolExecutor | None = None
 
     def __post_init__(self) -> None:
         if self.cfg.max_length is not None:
@@ -251,19 +253,23 @@ class ScoringEngine:
         every input line gets exactly one result). With `workers > 0` the next window is prepared in worker processes
         while the current one is on the device.
         """
-        pool = ProcessPoolExecutor(self.cfg.workers) if self.cfg.workers > 0 else None
-        try:
-            pending = None
-            for window in self._windows(samples):
-                submitted = self._submit(window, pool)
-                if pending is not None:
-                    yield from self._finish(*pending)
-                pending = (window, submitted)
+        if self.cfg.workers > 0 and self._pool is None:  # kept for later calls (RL loops call score repeatedly)
+            # spawn, not fork: forking a process whose torch thread pools are running can deadlock the child
+            self._pool = ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"))
+        pending = None
+        for window in self._windows(samples):
+            submitted = self._submit(window, self._pool)
             if pending is not None:
                 yield from self._finish(*pending)
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+            pending = (window, submitted)
+        if pending is not None:
+            yield from self._finish(*pending)
+
+    def close(self) -> None:
+        """Stop the preprocessing worker processes, if any."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
     def _windows(self, samples) -> Iterator[list[tuple[int, Sample | SampleError]]]:
         window: list[tuple[int, Sample | SampleError]] = []

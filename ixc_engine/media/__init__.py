@@ -5,5 +5,14 @@ from ixc_engine.media.image import MediaCrops, image_token_count, process_image
 from ixc_engine.media.loader import load_media, media_digest
 from ixc_engine.media.video import VIDEO_EXTENSIONS, is_video_path, process_video
 
-__all__ = ["MediaError", "MediaCrops", "image_token_count", "process_image", "load_media", "media_digest",
-           "VIDEO_EXTENSIONS", "is_video_path", "process_video"]
+__all__ = [
+           "VIDEO_EXTENSIONS",
+           "MediaCrops",
+           "MediaError",
+           "image_token_count",
+           "is_video_path",
+           "load_media",
+           "media_digest",
+           "process_image",
+           "process_video",
+]
