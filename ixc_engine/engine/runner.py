@@ -119,8 +119,10 @@ class ModelRunner:
         with torch.no_grad():  # the vision path is frozen, also in training
             media_emb, n_crops = self._encode_media(todo)
 
-        emb_table = self.model.model.tok_embeddings.weight
-        chunks, image_pos, new_lens, totals = [], [], [], []
+        # one embedding lookup for all text of the batch (one dense gradient when training), then interleave
+        text_ids: list[int] = []
+        order: list[tuple[str, object]] = []  # ("text", n) or ("media", tensor slice), in packed order
+        image_pos, new_lens, totals = [], [], []
         offset = 0
         for p in plans:
             for start, end, piece in p.sample.segments():
@@ -128,14 +130,17 @@ class ModelRunner:
                 if hi <= lo:
                     continue
                 if isinstance(piece, list):
-                    ids = torch.tensor(piece[lo - start:hi - start], dtype=torch.long)
-                    chunks.append(emb_table[ids.to(self.device)])
+                    text_ids.extend(piece[lo - start:hi - start])
+                    order.append(("text", hi - lo))
                 else:
-                    chunks.append(media_emb[p.sample.media_digests[piece]][lo - start:hi - start])
+                    order.append(("media", media_emb[p.sample.media_digests[piece]][lo - start:hi - start]))
                     image_pos.append(torch.arange(offset + lo - p.start, offset + hi - p.start))
             new_lens.append(p.new_tokens)
             totals.append(p.sample.n_tokens)
             offset += p.new_tokens
+        text = self.model.model.tok_embeddings(torch.tensor(text_ids, dtype=torch.long).to(self.device))
+        text_parts = iter(text.split([n for kind, n in order if kind == "text"]))
+        chunks = [next(text_parts) if kind == "text" else x for kind, x in order]
         if any(n <= 0 for n in new_lens):
             raise ValueError("every planned sequence must compute at least one token")
         embeds = torch.cat(chunks)

@@ -7,6 +7,7 @@ is a plain name match. Tokens of all sequences are packed along dim 0 (`[T, H]`,
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -107,19 +108,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def varlen_causal_attention_ref(q, k, v, cu_seqlens: list[int], scale: float) -> torch.Tensor:
-    """Per-sequence causal SDPA over packed tokens (q `[T, Hq, D]`, k/v `[T, Hkv, D]`); GQA by head repetition."""
-    out = torch.empty_like(q)
+    """Per-sequence causal SDPA over packed tokens (q `[T, Hq, D]`, k/v `[T, Hkv, D]`); GQA by head repetition.
+
+    split/cat (not slice assignment) so that the backward does not build a full-size gradient per sequence.
+    """
+    lens = [e - s for s, e in itertools.pairwise(cu_seqlens)]
     groups = q.shape[1] // k.shape[1]
-    for b in range(len(cu_seqlens) - 1):
-        s, e = cu_seqlens[b], cu_seqlens[b + 1]
-        if e == s:
+    outs = []
+    for qb, kb, vb in zip(q.split(lens), k.split(lens), v.split(lens)):
+        if qb.shape[0] == 0:
+            outs.append(qb)
             continue
-        qb = q[s:e].transpose(0, 1)
-        kb = k[s:e].transpose(0, 1).repeat_interleave(groups, dim=0)
-        vb = v[s:e].transpose(0, 1).repeat_interleave(groups, dim=0)
-        ob = F.scaled_dot_product_attention(qb[None], kb[None], vb[None], is_causal=True, scale=scale)[0]
-        out[s:e] = ob.transpose(0, 1)
-    return out
+        kb = kb.transpose(0, 1).repeat_interleave(groups, dim=0)
+        vb = vb.transpose(0, 1).repeat_interleave(groups, dim=0)
+        ob = F.scaled_dot_product_attention(qb.transpose(0, 1)[None], kb[None], vb[None], is_causal=True, scale=scale)
+        outs.append(ob[0].transpose(0, 1))
+    return torch.cat(outs)
 
 
 class Attention(nn.Module):
