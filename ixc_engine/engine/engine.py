@@ -222,11 +222,11 @@ class ScoringEngine:
                 for k, (i, pl) in enumerate(zip(idx, plans)):
                     if not self._shareable(preps[i]):
                         continue
-                    first = pl.start // bs
-                    for b in range(first, preps[i].n_tokens // bs):
-                        self._blocks.register(pl.block_table[b], int(hashes[i][b]))
-                        if want_sums:
-                            self._block_sum[pl.block_table[b]] = out.block_sums[k][b - first]
+                    first, last = pl.start // bs, preps[i].n_tokens // bs  # full blocks computed in this pass
+                    fresh = pl.block_table[first:last]
+                    self._blocks.register_blocks(fresh, hashes[i][first:last])
+                    if want_sums and fresh:
+                        self._block_sum[fresh] = out.block_sums[k]
         finally:
             for blocks in held:
                 self._blocks.release(blocks)
