@@ -10,9 +10,11 @@ Trained parameters (upstream recipe, ../shared/MODEL.md section 8): the LLM (emb
 PLoRA, final norm) and the score head; the ViT, the projector and the two separator tokens are frozen, so the image
 embeddings are computed without autograd and cached by content (``media_cache_size``). ``lora_rank > 0`` trains
 instead a LoRA of that rank on every wqkv/wo/w1/w2/w3 weight (plus the score head); it is merged into the weights
-whenever a checkpoint is written, so saved checkpoints load like any other. ``train_vision`` (off by default, a
-deviation from upstream) also trains the ViT, projector and separators: a model trained from scratch has a random
-vision tower (see examples/make_demo_model.py).
+whenever a checkpoint is written, so saved checkpoints load like any other. Two deviations from upstream, both off
+by default, for models trained from scratch (whose vision path is random, see examples/make_demo_model.py):
+``train_projector`` also trains the projector and the two separators while the ViT stays frozen, so the ViT's merged
+features are computed once per picture (content digest) and cached, and only the cheap projector runs with
+autograd; ``train_vision`` trains the ViT too (no cache: every step encodes its pictures).
 
 Why chosen and rejected do not share their prompt prefix here, although the scorer shares prefixes: both
 sequences start with the same image and prompt (for one image, ~840 of the ~870 tokens), so sharing would nearly
@@ -86,6 +88,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True  # autocast to bf16 on CUDA; ignored on CPU (fp32 there)
     train_vision: bool = False
+    train_projector: bool = False  # train vision_proj and the separators, ViT frozen (its features cached)
     media_cache_size: int = 256  # projected image embeddings kept between steps (frozen vision path only)
     score_backend: str = "auto"  # pool_score backend: "auto" (Triton on CUDA), "triton", "torch"
     save_dtype: str = "float32"
@@ -115,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: save_dtype must be one of {sorted(SAVE_DTYPES)}, got {self.save_dtype!r}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"TrainConfig: lora_alpha must be > 0, got {self.lora_alpha}")
+        if self.train_vision and self.train_projector:
+            raise ValueError("TrainConfig: train_vision already trains the projector; set train_projector=False")
 
 
 # --- LoRA -----------------------------------------------------------------------------------------------------------
@@ -231,7 +236,9 @@ class RewardTrainer:
         # Attention runs on the differentiable reference path (the paged kernel has no backward); the score
         # pooling goes through pool_score with cfg.score_backend.
         self.runner = ModelRunner(model, self.device, torch.float32, backend="torch",
-                                  media_cache_size=0 if self.cfg.train_vision else self.cfg.media_cache_size)
+                                  media_cache_size=0 if self._vision_in_graph else self.cfg.media_cache_size)
+        # train_projector: the frozen ViT's merged features per image content digest (insertion order = age)
+        self._merged_cache: dict[str, torch.Tensor] = {}
         self.params = self._select_trainable()
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=self.cfg.lr, betas=self.cfg.betas,
                                            weight_decay=self.cfg.weight_decay)
@@ -259,6 +266,10 @@ class RewardTrainer:
             raise FileNotFoundError(f"{ckpt}: tokenizer.model not found")
         return cls(model, tok, train_pairs, cfg, eval_pairs=eval_pairs, device=device, output_dir=output_dir)
 
+    @property
+    def _vision_in_graph(self) -> bool:
+        return self.cfg.train_vision or self.cfg.train_projector
+
     def _select_trainable(self) -> list[nn.Parameter]:
         m = self.model
         m.requires_grad_(False)
@@ -270,8 +281,8 @@ class RewardTrainer:
             m.model.requires_grad_(True)
             m.score.requires_grad_(True)
             params = list(m.model.parameters()) + list(m.score.parameters())
-        if self.cfg.train_vision:
-            for mod in (m.vit, m.vision_proj):
+        if self._vision_in_graph:
+            for mod in (m.vit, m.vision_proj) if self.cfg.train_vision else (m.vision_proj,):
                 mod.requires_grad_(True)
                 params += list(mod.parameters())
             m.plora_glb_GN.requires_grad_(True)
@@ -321,12 +332,26 @@ class RewardTrainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _hidden(self, plans: list[SeqPlan]):
-        if not self.cfg.train_vision:
+        if not self._vision_in_graph:
             return self.runner.forward_hidden(plans)
         return self._forward_hidden_with_vision(plans)
 
+    def _merged(self, digest: str, pixels: torch.Tensor) -> torch.Tensor:
+        """ViT + 2x2 merge of one image: with autograd (train_vision) or from the cache of frozen features."""
+        if self.cfg.train_vision:
+            return self.model.encode_crops(pixels.to(self.device))
+        hit = self._merged_cache.get(digest)
+        if hit is None:
+            with torch.no_grad():
+                hit = self.model.encode_crops(pixels.to(self.device))
+            if self.cfg.media_cache_size:
+                while len(self._merged_cache) >= self.cfg.media_cache_size:
+                    self._merged_cache.pop(next(iter(self._merged_cache)))
+                self._merged_cache[digest] = hit
+        return hit
+
     def _forward_hidden_with_vision(self, plans: list[SeqPlan]):
-        """forward_hidden with autograd through the ViT, projector and separators (train_vision only)."""
+        """forward_hidden with autograd through the projector and separators, and the ViT with train_vision."""
         encoded: dict[str, torch.Tensor] = {}
         pieces: list[torch.Tensor | list[int]] = []
         image_pos, lens = [], []
@@ -335,8 +360,7 @@ class RewardTrainer:
             s = p.sample
             for d, mc in zip(s.media_digests, s.media):
                 if d not in encoded:  # chosen and rejected share their image: encode it once
-                    merged = self.model.encode_crops(mc.pixel_values.to(self.device))
-                    encoded[d] = self.model.image_tokens(merged, mc.h, mc.w)
+                    encoded[d] = self.model.image_tokens(self._merged(d, mc.pixel_values), mc.h, mc.w)
             for start, end, piece in s.segments():
                 if isinstance(piece, list):
                     pieces.append(piece)
@@ -389,7 +413,7 @@ class RewardTrainer:
                 continue
             plans = [SeqPlan(c) for c, _ in batch] + [SeqPlan(r) for _, r in batch]
             with self._autocast():
-                hidden, ctx = self.runner.forward_hidden(plans)
+                hidden, ctx = self._hidden(plans)
             out = bt_loss_from_hidden(hidden, self.model.model.norm.weight, self.model.score.weight, ctx.cu_seqlens,
                                       mode=self.model.cfg.pooling, eps=self.model.cfg.rms_norm_eps,
                                       backend=self.cfg.score_backend)
@@ -442,7 +466,7 @@ class RewardTrainer:
             raise FileNotFoundError(f"resume: {path} not found (not a checkpoint written by the trainer)")
         st = torch.load(path, map_location="cpu", weights_only=True)
         saved_cfg = st.get("config", {})
-        for key in ("lora_rank", "batch_pairs", "grad_accum", "train_vision"):
+        for key in ("lora_rank", "batch_pairs", "grad_accum", "train_vision", "train_projector"):
             if saved_cfg.get(key) != getattr(self.cfg, key):
                 raise ValueError(f"resume: {path} was written with {key}={saved_cfg.get(key)!r}, "
                                  f"but this run has {key}={getattr(self.cfg, key)!r}")
