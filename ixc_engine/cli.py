@@ -80,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     t.add_argument("--format", default="safetensors", choices=["safetensors", "bin"])
 
-    tr = sub.add_parser("train-rm", help="train a reward model on preference pairs (see README)")
-    tr.add_argument("pairs", type=Path)
-    tr.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    tr = sub.add_parser("train-rm", help="train a reward model on preference pairs (ixc-engine train-rm --help)",
+                        add_help=False)  # every argument, --help included, goes to ixc_engine.training.cli
+    tr.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
@@ -241,10 +241,13 @@ def cmd_train_rm(args) -> int:
     except ImportError as exc:
         print(f"error: training is not available: {exc}", file=sys.stderr)
         return 2
-    return train_main([str(args.pairs), *args.rest])
+    return train_main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-rm"]:  # its own parser (ixc_engine.training.cli), --help included
+        return cmd_train_rm(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     handlers = {"score": cmd_score, "filter": cmd_filter, "merge": cmd_merge, "init-tiny": cmd_init_tiny,
                 "train-rm": cmd_train_rm}

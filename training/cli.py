@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-vision", action="store_true",
                    help="also train the ViT, projector and separators (deviation from upstream; for models trained "
                    "from scratch)")
+    t.add_argument("--train-projector", action="store_true",
+                   help="train the projector and separators with the ViT frozen (its features cached per picture); "
+                   "a cheap deviation from upstream for models trained from scratch")
     t.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("run")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm or None, max_length=args.max_length, hd_num=args.hd_num,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, margin=args.margin, center_coef=args.center_coef,
         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, bf16=not args.no_bf16,
-        train_vision=args.train_vision, save_dtype=args.save_dtype,
+        train_vision=args.train_vision, train_projector=args.train_projector, save_dtype=args.save_dtype,
     )
     resume = None
     if args.resume is not None:
