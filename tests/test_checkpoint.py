@@ -78,7 +78,7 @@ def _edit_shard(ckpt, fn):
     from safetensors.torch import load_file, save_file
 
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    shard = ckpt / sorted(set(index["weight_map"].values()))[0]
+    shard = ckpt / min(index["weight_map"].values())
     state = load_file(str(shard))
     fn(state)
     save_file(state, str(shard))

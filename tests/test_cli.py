@@ -17,7 +17,7 @@ from ixc_engine.cli import main
 
 def _cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "ixc_engine.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          check=False, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def corpus(tmp_path_factory):
     (d / "img").mkdir()
     Image.new("RGB", (300, 200), (200, 10, 10)).save(d / "img" / "red.png")
     (d / "img" / "broken.png").write_bytes(b"not a png")
-    good = lambda i: {"id": f"s{i}", "messages": [{"role": "user", "content": f"Question number {i}?"},  # noqa: E731
+    good = lambda i: {"id": f"s{i}", "messages": [{"role": "user", "content": f"Question number {i}?"},
                                                   {"role": "assistant", "content": "Answer " * (i % 5 + 1)}]}
     lines = []
     for i in range(24):

@@ -6,10 +6,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from ixc_engine.api import RewardEngine  # noqa: E402
-from ixc_engine.engine.engine import EngineConfig  # noqa: E402
+from ixc_engine.api import RewardEngine
+from ixc_engine.engine.engine import EngineConfig
 
 PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 REPLIES = ["Red, orange and yellow.", "Blue.", "Red, orange and yellow, then green."]
