@@ -16,13 +16,13 @@ import statistics
 import time
 
 import torch
+from ixc_engine.kernels.pool_score import pool_score
+from ixc_engine.training import bradley_terry_loss, clipped_value_loss
 
 from ixc_engine.config import ModelConfig
-from ixc_engine.kernels.pool_score import pool_score
 from ixc_engine.models.internlm2 import ForwardContext
 from ixc_engine.models.reward_model import IXCRewardModel
 from ixc_engine.tiny import tiny_config
-from ixc_engine.training import bradley_terry_loss, clipped_value_loss
 
 
 def build(device: torch.device, dtype: torch.dtype, layers: int | None, tiny: bool) -> IXCRewardModel:
