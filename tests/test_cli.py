@@ -150,3 +150,20 @@ def test_torchrun_environment_selects_the_shard(corpus, tiny_ckpt, tmp_path, mon
                  "--device", "cpu"]) == 0
     lines = [r["line"] for r in _read(tmp_path / "tr.shard1-of-2.jsonl")]
     assert lines and all(ln % 2 == 0 for ln in lines)
+
+
+def test_ctrl_c_then_resume(corpus, tiny_ckpt, tmp_path):
+    out = tmp_path / "int.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "ixc_engine.cli", "score", str(corpus), "--model", str(tiny_ckpt),
+                             "-o", str(out), "--no-progress", "--window", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "run the same command again to resume" in err
+    res = _cli("score", corpus, "--model", tiny_ckpt, "-o", out, "--no-progress")
+    assert res.returncode == 0, res.stderr
+    lines = [r["line"] for r in _read(out)] + [r["line"] for r in _read(tmp_path / "int.errors.jsonl")]
+    assert sorted(lines) == list(range(1, 25))
