@@ -216,7 +216,8 @@ def sweep(prob: AttnProblem, title: str):
                         print(f"   rows={rows:3d} bn={block_n:3d} w={warps} s={stages}: failed ({type(exc).__name__})")
                         continue
                     t = _timing("", ms, prob)
-                    print(f"   rows={rows:3d} bn={block_n:3d} w={warps} s={stages}: {ms:8.3f} ms {t.tflops:7.1f} TFLOP/s")
+                    print(f"   rows={rows:3d} bn={block_n:3d} w={warps} s={stages}: "
+                          f"{ms:8.3f} ms {t.tflops:7.1f} TFLOP/s")
 
 
 def check_against_baseline(prob: AttnProblem, baseline_out, dense: bool) -> float:

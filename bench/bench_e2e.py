@@ -466,7 +466,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--skip", choices=("end-to-end", "model-only", "best-of-n"), action="append", default=[],
                     help="leave out a part (repeatable)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default 1 on CPU: steady timings on a shared machine; torch's own on CUDA)")
+                    help="torch CPU threads (default 1 on CPU: steady timings on a shared machine; "
+                    "torch's own on CUDA)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
     args = ap.parse_args(argv)

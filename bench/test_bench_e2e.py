@@ -157,7 +157,7 @@ def test_corpus_samples_are_distinct_and_sized(tmp_path, model):
     assert prepared_flops(model.cfg, 8, preps).total > 0
 
 
-# --- pytest-benchmark entries -------------------------------------------------------------------------------------------
+# --- pytest-benchmark entries --------------------------------------------------------------------------------
 def _score_fresh(model, convs, images, **cfg) -> Callable[[], tuple[tuple, dict]]:
     """pedantic setup: a fresh engine per round, so the prefix cache starts cold every time."""
     return lambda: ((engine(model, **cfg), convs, images), {})
@@ -189,7 +189,7 @@ def test_bench_best_of_n_cpu(benchmark, model, photos, prefix_cache):
     assert len(scores) == len(REPLIES) and 0 <= best < len(REPLIES)
 
 
-# --- regression flags: ratios measured in the same run -------------------------------------------------------------------
+# --- regression flags: ratios measured in the same run ------------------------------------------------------------
 def _min_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
     """Best of `reps` wall times of each callable, run interleaved (A B A B ...) so that load drifts hit all alike."""
     best = dict.fromkeys(fns, float("inf"))
@@ -212,7 +212,9 @@ def test_engine_not_slower_than_upstream_baseline(model, photos):
         "engine": lambda: engine(model).engine.score_prepared(preps),
         "baseline": lambda: base.score_prepared(preps),
     }, reps=3)
-    assert t["engine"] <= t["baseline"], f"engine {t['engine']:.3f} s vs upstream-algorithm baseline {t['baseline']:.3f} s"
+    assert t["engine"] <= t["baseline"], (
+        f"engine {t['engine']:.3f} s vs upstream-algorithm baseline {t['baseline']:.3f} s"
+    )
 
 
 def test_best_of_n_sharing_computes_less_and_is_not_slower(model, photos):

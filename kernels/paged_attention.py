@@ -274,7 +274,9 @@ def _check_args(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens
     _check_int32("cu_seqlens_q", cu_seqlens_q, 1, q.device)
     b = prefix_lens.shape[0]
     if cu_seqlens_q.shape[0] != b + 1:
-        raise ValueError(f"cu_seqlens_q must have B+1 = {b + 1} entries (B from prefix_lens), got {cu_seqlens_q.shape[0]}")
+        raise ValueError(
+            f"cu_seqlens_q must have B+1 = {b + 1} entries (B from prefix_lens), got {cu_seqlens_q.shape[0]}"
+        )
     if block_tables.shape[0] != b:
         raise ValueError(f"block_tables must have B = {b} rows (B from prefix_lens), got {block_tables.shape[0]}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:

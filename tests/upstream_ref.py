@@ -23,7 +23,9 @@ def load_state(ckpt: Path) -> tuple[dict, dict]:
     cfg = json.loads((ckpt / "config.json").read_text())
     state = {}
     index = ckpt / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     for f in files:
         state.update({k: v.to(D) for k, v in load_file(str(ckpt / f)).items()})
     return cfg, state

@@ -29,7 +29,9 @@ except ImportError:  # triton is the optional `gpu` extra; the torch reference s
 BACKENDS = ("auto", "triton", "torch")
 
 
-def gae_ref(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 0.99, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+def gae_ref(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 0.99, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
     """Reference GAE: a plain reverse loop over T in fp32, vectorised over rows. Returns (advantages, returns)."""
     r = rewards.detach().to(torch.float32)
     v = values.detach().to(torch.float32)
