@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ixc_engine.checkpoint import CheckpointError, load_model
+from ixc_engine.checkpoint import load_model
 from ixc_engine.engine.engine import EngineConfig, ScoreResult, ScoringEngine
 from ixc_engine.engine.runner import ModelRunner
 from ixc_engine.engine.sequence import Sample, SampleError
@@ -55,7 +56,11 @@ class RewardEngine:
         model, ckpt = load_model(path_or_id, dtype=dtype, device=device, pooling=pooling)
         tok_path = Path(ckpt) / "tokenizer.model"
         if not tok_path.is_file():
-            raise CheckpointError(f"{ckpt}: tokenizer.model not found")
+            # every IXC-2.5 checkpoint uses the same InternLM2 tokenizer, which ships with this package
+            from ixc_engine.tiny import PACKAGED_TOKENIZER
+
+            warnings.warn(f"{ckpt}: no tokenizer.model, using the packaged InternLM2 tokenizer", stacklevel=2)
+            tok_path = PACKAGED_TOKENIZER
         return cls.from_model(model, tok_path, backend=backend, config=config)
 
     @classmethod

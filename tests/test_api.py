@@ -120,3 +120,14 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_ckpt, monkeypatch
     monkeypatch.setattr(ModelRunner, "run", flaky)
     assert eng.score(convs) == pytest.approx(want, rel=1e-5)
     assert eng.stats()["oom_splits"] >= 2
+
+
+def test_checkpoint_without_tokenizer_uses_the_packaged_one(tmp_path):
+    from ixc_engine.tiny import init_tiny
+
+    ckpt = init_tiny(tmp_path / "m", seed=1)
+    with_tok = RewardEngine.from_pretrained(ckpt, device="cpu").score([PROMPT])
+    (ckpt / "tokenizer.model").unlink()
+    with pytest.warns(UserWarning, match="packaged InternLM2 tokenizer"):
+        eng = RewardEngine.from_pretrained(ckpt, device="cpu")
+    assert eng.score([PROMPT]) == pytest.approx(with_tok, rel=1e-6)
