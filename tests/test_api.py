@@ -131,3 +131,22 @@ def test_checkpoint_without_tokenizer_uses_the_packaged_one(tmp_path):
     with pytest.warns(UserWarning, match="packaged InternLM2 tokenizer"):
         eng = RewardEngine.from_pretrained(ckpt, device="cpu")
     assert eng.score([PROMPT]) == pytest.approx(with_tok, rel=1e-6)
+
+
+def test_nested_sharing_runs_each_shared_prefix_once(tiny_ckpt, photo):
+    """A short sample that diverges early must not stop longer samples from sharing their longer common prefix."""
+    from ixc_engine.engine.sequence import Sample
+
+    short = [{"role": "user", "content": "What is in the picture?"}, {"role": "assistant", "content": "No idea."}]
+    long_q = [{"role": "user", "content": "What is in the picture? Describe every detail you can see. " * 40}]
+    convs = [short] + [long_q + [{"role": "assistant", "content": c}] for c in CANDIDATES[:4]]
+    samples = [Sample(c, [photo], id=i) for i, c in enumerate(convs)]
+    shared = RewardEngine.from_pretrained(tiny_ckpt, device="cpu")
+    res = list(shared.score_stream(samples))
+    plain = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=EngineConfig(prefix_cache=False))
+    assert [r.score for r in res] == pytest.approx([r.score for r in plain.score_stream(samples)], rel=1e-5, abs=1e-6)
+    n = [r.n_tokens for r in res]
+    assert n[1] - n[0] > 400  # the long question is long
+    # everything once: about the longest sample, plus the short sample's own tail and the other answers (+ rounding
+    # to blocks); sharing only the prefix common to all five would recompute the long question three more times
+    assert shared.stats()["tokens_computed"] <= n[1] + 4 * 64

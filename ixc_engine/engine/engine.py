@@ -99,6 +99,8 @@ class ScoringEngine:
     _block_sum: np.ndarray | None = None
     _pool: ProcessPoolExecutor | None = None
 
+    MAX_WAVES = 4
+
     def __post_init__(self) -> None:
         if self.cfg.max_length is not None:
             self.max_length = self.cfg.max_length
@@ -145,19 +147,29 @@ class ScoringEngine:
             return results
         bs = self.cfg.block_size
         hashes = [self._host.block_hashes(p.content_keys(), bs) for p in preps]
-        # Samples whose first block equals another's run in a second wave, after one of them ("leader") has put the
-        # shared blocks in the cache; everything else goes in the first wave.
-        first_seen: dict[int, int] = {}
-        wave1, wave2 = [], []
-        for i, h in enumerate(hashes):
-            key = int(h[0]) if len(h) else None
-            if key is None or key not in first_seen:
-                if key is not None:
-                    first_seen[key] = i
-                wave1.append(i)
-            else:
-                wave2.append(i)
-        self._run_waves([wave1, wave2], preps, hashes, results)
+        # Waves: of the samples whose first not-yet-cached block is the same, one ("leader") runs now and puts the
+        # shared blocks in the cache; the others wait for a later wave and reuse them. MAX_WAVES bounds the number of
+        # extra batch boundaries for deep sharing trees; the last wave takes everyone left.
+        remaining = list(range(len(preps)))
+        for wave_no in range(self.MAX_WAVES):
+            if not remaining:
+                break
+            wave, later, leaders = [], [], set()
+            for i in remaining:
+                h = hashes[i]
+                usable = (preps[i].n_tokens - 1) // bs
+                cached = list(self._blocks.match_prefix(h[:usable]))  # a look-up: the references go right back
+                self._blocks.release(cached[::-1])
+                k = len(cached)
+                key = int(h[k]) if k < usable else None
+                if key is None or key not in leaders or wave_no == self.MAX_WAVES - 1:
+                    if key is not None:
+                        leaders.add(key)
+                    wave.append(i)
+                else:
+                    later.append(i)
+            self._run_waves([wave], preps, hashes, results)
+            remaining = later
         return results
 
     def _run_waves(self, waves, preps, hashes, results) -> None:
