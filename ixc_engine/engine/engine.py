@@ -143,7 +143,7 @@ class ScoringEngine:
             self.stats.tokens_requested += p.n_tokens
             self.stats.media_requested += len(p.media)
         if not self.cfg.prefix_cache:
-            self._run_waves([list(range(len(preps)))], preps, None, results)
+            self._run_wave(list(range(len(preps))), preps, None, results)
             return results
         bs = self.cfg.block_size
         hashes = [self._host.block_hashes(p.content_keys(), bs) for p in preps]
@@ -168,18 +168,18 @@ class ScoringEngine:
                     wave.append(i)
                 else:
                     later.append(i)
-            self._run_waves([wave], preps, hashes, results)
+            self._run_wave(wave, preps, hashes, results)
             remaining = later
         return results
 
-    def _run_waves(self, waves, preps, hashes, results) -> None:
-        for wave in waves:
-            order = self._host.plan_batches(
-                np.array([preps[i].n_tokens for i in wave], dtype=np.int64), self.cfg.max_batch_tokens,
-                self.cfg.max_batch_seqs,
-            )
-            for batch in order:
-                self._run_batch([wave[j] for j in batch], preps, hashes, results)
+    def _run_wave(self, wave: list[int], preps, hashes, results) -> None:
+        """Token-budget batches of one wave, in order."""
+        order = self._host.plan_batches(
+            np.array([preps[i].n_tokens for i in wave], dtype=np.int64), self.cfg.max_batch_tokens,
+            self.cfg.max_batch_seqs,
+        )
+        for batch in order:
+            self._run_batch([wave[j] for j in batch], preps, hashes, results)
 
     def _run_batch(self, idx: list[int], preps, hashes, results) -> None:
         if not idx:
