@@ -49,6 +49,23 @@ def validate_messages(messages: object) -> list[dict]:
     return out
 
 
+def check_placeholders(n_placeholders: int, n_media: int) -> None:
+    """The placement rule: one placeholder per media item, or none with a single item (it goes to the front).
+
+    Raises ValueError otherwise. Shared by the scoring template and the training pair loader."""
+    if n_placeholders == 0 and n_media > 1:
+        raise ValueError(
+            f"{n_media} media items but the text has no {IMAGE_PLACEHOLDER} placeholder: put one "
+            f"{IMAGE_PLACEHOLDER} per item where it belongs (upstream would silently score only the first item, "
+            "placed after all the text, a bug this engine does not reproduce)"
+        )
+    if n_placeholders and n_placeholders != n_media:
+        raise ValueError(
+            f"the text has {n_placeholders} {IMAGE_PLACEHOLDER} placeholders but {n_media} media items were given; "
+            "they must match one to one"
+        )
+
+
 def render_conversation(messages: Sequence[Mapping[str, str]]) -> str:
     """The prompt text: every message in the chat format, then ``</s>`` and the reward token. Content is used
     verbatim (not stripped)."""
@@ -136,20 +153,9 @@ def build_sample_from_prompt(tokenizer: _Encoder, prompt: str, n_media: int, hd_
         return TemplatedSample([tokenizer.encode(prompt, add_bos=True)], hd_num)
 
     n_placeholders = prompt.count(IMAGE_PLACEHOLDER)
+    check_placeholders(n_placeholders, n_media)
     if n_placeholders == 0:
-        if n_media > 1:
-            raise ValueError(
-                f"{n_media} media items but the text has no {IMAGE_PLACEHOLDER} placeholder: put one "
-                f"{IMAGE_PLACEHOLDER} per item where it belongs (upstream would silently score only the first item, "
-                "placed after all the text, a bug this engine does not reproduce)"
-            )
         prompt = IMAGE_PLACEHOLDER + prompt
-        n_placeholders = 1
-    if n_placeholders != n_media:
-        raise ValueError(
-            f"the text has {n_placeholders} {IMAGE_PLACEHOLDER} placeholders but {n_media} media items were given; "
-            "they must match one to one"
-        )
     parts = prompt.split(IMAGE_PLACEHOLDER)
     pieces: list[list[int] | int] = [tokenizer.encode(parts[0], add_bos=True)]
     for slot, part in enumerate(parts[1:]):

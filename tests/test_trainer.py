@@ -300,7 +300,7 @@ def test_cli_reports_bad_lines_with_file_and_line(tmp_path, tiny_ckpt, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert f"{path}:2" in err and "invalid JSON" in err
-    assert f"{path}:3" in err and "unknown role 'robot'" in err
+    assert f"{path}:3" in err and "['role'] is 'robot'" in err
     rc = cli_main(["train-rm", str(tmp_path / "missing.jsonl"), "--model", str(tiny_ckpt), "-o", str(tmp_path)])
     assert rc == 2 and "not found" in capsys.readouterr().err
 

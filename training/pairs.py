@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
-ROLES = ("system", "user", "assistant")
-IMAGE_PLACEHOLDER = "<ImageHere>"
+from ..template import check_placeholders, validate_messages
+from ..tokenizer import IMAGE_PLACEHOLDER
 
 
 @dataclass(slots=True)
@@ -54,26 +54,10 @@ class _BadLine(Exception):
 
 
 def _check_messages(value: Any, name: str) -> list[dict[str, str]]:
-    if not isinstance(value, list):
-        raise _BadLine(f"{name!r} must be a list of {{role, content}} objects, got {type(value).__name__}")
-    if not value:
-        raise _BadLine(f"{name!r} is empty")
-    out = []
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict):
-            raise _BadLine(f"{name}[{i}] must be an object with 'role' and 'content', got {type(msg).__name__}")
-        for key in ("role", "content"):
-            if key not in msg:
-                raise _BadLine(f"{name}[{i}] is missing {key!r}")
-        role, content = msg["role"], msg["content"]
-        if not isinstance(role, str):
-            raise _BadLine(f"{name}[{i}].role must be a string, got {type(role).__name__}")
-        if role not in ROLES:
-            raise _BadLine(f"{name}[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise _BadLine(f"{name}[{i}].content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
-    return out
+    try:
+        return validate_messages(value)
+    except ValueError as exc:
+        raise _BadLine(f"{name!r}: {exc}") from None
 
 
 def _check_reply(value: Any, name: str) -> str:
@@ -114,13 +98,10 @@ def _check_images(obj: dict, base_dir: str, check_media: bool) -> list[str]:
 
 
 def _check_placeholders(messages: list[dict[str, str]], n_media: int) -> None:
-    # Same rule as the scoring template: with placeholders, one per media file; without, at most one file
-    # (it is placed at the front of the prompt).
-    count = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-    if count and count != n_media:
-        raise _BadLine(f"prompt has {count} {IMAGE_PLACEHOLDER} placeholder(s) but {n_media} media file(s)")
-    if not count and n_media > 1:
-        raise _BadLine(f"{n_media} media files but no {IMAGE_PLACEHOLDER} placeholders in the prompt")
+    try:
+        check_placeholders(sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages), n_media)
+    except ValueError as exc:
+        raise _BadLine(f"prompt: {exc}") from None
 
 
 def _parse_native(obj: dict) -> tuple[list[dict[str, str]], str, str]:
