@@ -189,8 +189,9 @@ def prefix_baseline(prob: AttnProblem, allowed=(("flash",), ("flash", "efficient
 def bench_kernel(prob: AttnProblem, **overrides) -> list[Timing]:
     plan = plan_paged_prefix_attention(*prob.args, scale=prob.scale, **overrides)
     cuda = prob.q.is_cuda
-    reused = median_ms(lambda: paged_prefix_attention(*prob.args, scale=prob.scale, plan=plan), cuda=cuda)
-    fresh = median_ms(lambda: paged_prefix_attention(*prob.args, scale=prob.scale), cuda=cuda)
+    kw = {"scale": prob.scale, "backend": "triton"}
+    reused = median_ms(lambda: paged_prefix_attention(*prob.args, plan=plan, **kw), cuda=cuda)
+    fresh = median_ms(lambda: paged_prefix_attention(*prob.args, **kw), cuda=cuda)
     cfg = f"bm={plan.block_m} bn={plan.block_n} w={plan.num_warps} s={plan.num_stages}"
     return [_timing(f"triton, plan reused ({cfg})", reused, prob),
             _timing("triton, plan built per call (1 sync)", fresh, prob)]
@@ -210,8 +211,8 @@ def sweep(prob: AttnProblem, title: str):
                     try:
                         plan = plan_paged_prefix_attention(*prob.args, scale=prob.scale, block_m=bm, block_n=block_n,
                                                            num_warps=warps, num_stages=stages)
-                        ms = median_ms(lambda p=plan: paged_prefix_attention(*prob.args, scale=prob.scale, plan=p),
-                                       cuda=True)
+                        ms = median_ms(lambda p=plan: paged_prefix_attention(*prob.args, scale=prob.scale, plan=p,
+                                                                             backend="triton"), cuda=True)
                     except (OutOfResources, RuntimeError) as exc:  # shape does not fit this GPU
                         print(f"   rows={rows:3d} bn={block_n:3d} w={warps} s={stages}: failed ({type(exc).__name__})")
                         continue

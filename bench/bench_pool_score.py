@@ -166,14 +166,14 @@ def sweep(p: Problem, copy_bw: float) -> None:
 
 def run_cpu(args) -> None:
     T, H, B = 4096, 512, 8
-    print(f"No CUDA GPU present: timing the torch reference path (backend='auto' on CPU) at T={T}, H={H}, B={B}, "
+    print(f"No CUDA GPU present: timing the torch reference path (backend='torch') at T={T}, H={H}, B={B}, "
           "fp32. These are NOT Triton kernel figures and say nothing about GPU performance.")
     copy_bw = measure_copy_bandwidth("cpu")
     report("CPU memory copy (read + write)", copy_bw, "GB/s")
     p = make_problem(T, H, B, dtype=torch.float32, device="cpu")
     args_k = (p.hidden, p.norm_weight, p.head_weight, p.cu_seqlens)
     for mode in MODES:
-        ms_r = do_bench_median(lambda m=mode: pool_score(*args_k, mode=m), device="cpu")
+        ms_r = do_bench_median(lambda m=mode: pool_score(*args_k, mode=m, backend="torch"), device="cpu")
         ms_b = do_bench_median(lambda m=mode: eager_baseline(p, m), device="cpu")
         nbytes = required_bytes(p, mode)
         report(f"reference (CPU) fwd {mode:<5} ({ms_r:.2f} ms)", gbps(nbytes, ms_r), "GB/s", copy_bw,

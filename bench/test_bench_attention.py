@@ -42,7 +42,7 @@ def test_bench_paged_prefix_attention(benchmark, shape):
         plan = plan_paged_prefix_attention(*prob.args, scale=prob.scale)
         out = benchmark(lambda: _sync(paged_prefix_attention(*prob.args, scale=prob.scale, plan=plan)))
     else:
-        out = benchmark(lambda: paged_prefix_attention(*prob.args, scale=prob.scale))
+        out = benchmark(lambda: paged_prefix_attention(*prob.args, scale=prob.scale, backend="torch"))
     ref = paged_prefix_attention_ref(*prob.args, scale=prob.scale)
     tol = 2e-2 if CUDA else 1e-6
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)

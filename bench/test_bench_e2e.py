@@ -226,11 +226,12 @@ def test_best_of_n_sharing_computes_less_and_is_not_slower(model, photos):
         eng.best_of_n(PROMPT, REPLIES, images=[photos[2]])
         stats[prefix_cache] = eng.stats()
 
-    t = _min_times({"on": lambda: run(True), "off": lambda: run(False)}, reps=3)
+    t = _min_times({"on": lambda: run(True), "off": lambda: run(False)}, reps=5)
     on, off = stats[True], stats[False]
     assert on["tokens_requested"] == off["tokens_requested"] == off["tokens_computed"]
     assert on["tokens_computed"] + on["prefix_tokens_reused"] == on["tokens_requested"]
     # the 2061-token image prompt is computed once instead of len(REPLIES) times
     assert on["prefix_tokens_reused"] >= (len(REPLIES) - 1) * 2061
     assert on["tokens_computed"] < off["tokens_computed"] / 3
+    print(f"best-of-{len(REPLIES)} on CPU: sharing on {t['on']:.3f} s, off {t['off']:.3f} s")
     assert t["on"] <= t["off"], f"sharing on {t['on']:.3f} s vs off {t['off']:.3f} s"

@@ -18,10 +18,11 @@ head stride can describe as [T, Hq, D]; accepting it avoids a copy per layer.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
+
+from ._backend import resolve_backend
 
 try:
     import triton
@@ -410,20 +411,19 @@ def paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens,
                            backend: str = "auto", plan: PagedAttentionPlan | None = None) -> torch.Tensor:
     """Attention of packed new tokens over their cached prefix pages and themselves (causal). Returns [Tq, Hq, D].
 
-    backend: "auto" (Triton on CUDA, reference otherwise), "triton" (on CPU needs TRITON_INTERPRET=1), "torch".
+    backend: "auto" (the Triton kernel on CUDA, or on CPU when Triton's interpreter is on, for the head dims and
+    dtypes it takes; the reference otherwise), "triton" (on CPU needs TRITON_INTERPRET=1 before import), "torch".
     plan: from `plan_paged_prefix_attention` on the same metadata tensors; skips the per-call metadata value checks.
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if (isinstance(q, torch.Tensor) and q.is_cuda and triton is not None) else "torch"
+    unsupported = None  # bad dtypes and shapes are left to the argument checks of either path
+    if isinstance(q, torch.Tensor) and q.dim() and (not _is_pow2(q.shape[-1]) or not 16 <= q.shape[-1] <= 256):
+        unsupported = f"head dim {q.shape[-1]} (the kernel takes powers of two in [16, 256])"
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    backend = resolve_backend("paged_prefix_attention", backend, globals().get("_paged_prefix_attn_kernel"), device,
+                              unsupported)
     if backend == "torch":
         return paged_prefix_attention_ref(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q,
                                           scale=scale)
-    if triton is None:
-        raise ValueError("backend='triton' needs the triton package (pip install ixc-engine[gpu])")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' on CPU tensors needs the environment variable TRITON_INTERPRET=1")
     s = _check_args(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, scale)
     if plan is None:
         plan = plan_paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q,
@@ -431,12 +431,12 @@ def paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens,
     elif (plan.cu_seqlens_q is not cu_seqlens_q or plan.prefix_lens is not prefix_lens
           or plan.block_tables is not block_tables):
         raise ValueError("plan was built for other metadata tensors (cu_seqlens_q, prefix_lens, block_tables)")
+    # The kernel indexes the int32 metadata with unit strides (and block_tables with unit column stride).
+    block_tables, prefix_lens, cu_seqlens_q = (t.contiguous() for t in (block_tables, prefix_lens, cu_seqlens_q))
     group = s.num_q_heads // s.num_kv_heads
     out = torch.empty((s.num_tokens, s.num_q_heads, s.head_dim), dtype=q.dtype, device=q.device)
     if s.num_tokens == 0:
         return out
-    if not _is_pow2(s.head_dim) or not 16 <= s.head_dim <= 256:
-        raise ValueError(f"the Triton kernel needs a power-of-two head dim in [16, 256], got {s.head_dim}")
     if q.dim() == 4:
         sqt, sqkv, sqg = q.stride(0), q.stride(1), q.stride(2)
     else:
@@ -497,10 +497,8 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto
     """Write new tokens' k/v [Tq, Hkv, D] into the paged caches at flat slots (block * block_size + offset).
 
     slot_mapping: int64 [Tq], -1 skips a token. Triton on CUDA: one launch, no device sync (a torch masked index
-    write would need a nonzero() sync to drop the -1 slots); torch elsewhere.
+    write would need a nonzero() sync to drop the -1 slots), also under Triton's interpreter; torch elsewhere.
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     _check_tensor("k", k, 3)
     _check_tensor("v", v, 3)
     _check_tensor("k_cache", k_cache, 4)
@@ -526,8 +524,8 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{name} must have stride 1 on its last (head) dim, got strides {tuple(t.stride())}")
     nb, bs, hkv, d = k_cache.shape
-    if backend == "auto":
-        backend = "triton" if (k.is_cuda and triton is not None) else "torch"
+    unsupported = None if _is_pow2(d) else f"head dim {d} (the kernel takes powers of two)"
+    backend = resolve_backend("write_kv_cache", backend, globals().get("_write_kv_kernel"), k.device, unsupported)
     if backend == "torch":
         sel = slot_mapping >= 0
         slots = slot_mapping[sel]
@@ -536,18 +534,12 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto
         k_cache[slots // bs, slots % bs] = k[sel]
         v_cache[slots // bs, slots % bs] = v[sel]
         return
-    if triton is None:
-        raise ValueError("backend='triton' needs the triton package (pip install ixc-engine[gpu])")
-    if not k.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' on CPU tensors needs the environment variable TRITON_INTERPRET=1")
-    if not _is_pow2(d):
-        raise ValueError(f"the Triton kernel needs a power-of-two head dim, got {d}")
     tq = k.shape[0]
     if tq == 0:
         return
     block_t = max(1, min(64, 4096 // (_next_pow2(hkv) * d)))
     _write_kv_kernel[(triton.cdiv(tq, block_t),)](
-        k, v, k_cache, v_cache, slot_mapping, tq,
+        k, v, k_cache, v_cache, slot_mapping.contiguous(), tq,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -19,9 +19,12 @@ G = sum_t g_t * xhat_t, reduced as per-program partial sums and finished with a 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
+
+from ._backend import BACKENDS, resolve_backend
 
 try:
     import triton
@@ -33,7 +36,6 @@ except ImportError:  # the torch reference path works without triton
 __all__ = ["BACKENDS", "MODES", "KernelConfig", "default_config", "pool_score", "pool_score_ref"]
 
 MODES = ("last", "mean", "token")
-BACKENDS = ("auto", "triton", "torch")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _REF_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 
@@ -53,7 +55,7 @@ class _Checked:
 def _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, prefix_count, dtypes) -> _Checked:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     for name, t in (("hidden", hidden), ("norm_weight", norm_weight), ("head_weight", head_weight),
                     ("cu_seqlens", cu_seqlens)):
@@ -268,12 +270,6 @@ class KernelConfig:
     seg_block: int
 
 
-def _is_interpreter() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_pool_score_fwd_kernel, InterpretedFunction)
-
-
 def default_config(H: int, n_rows: int, device: torch.device) -> KernelConfig:
     """Block sizes for ``H`` columns and ``n_rows`` rows to score (T, or B in ``mode="last"``)."""
     hp2 = triton.next_power_of_2(H)
@@ -379,12 +375,7 @@ class _PoolScoreFn(torch.autograd.Function):
 
 def _pool_score_triton(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e-5, prefix_sum=None,
                        prefix_count=None, config: KernelConfig | None = None):
-    if triton is None:
-        raise RuntimeError("backend='triton' needs the triton package (pip install 'ixc-engine[gpu]')")
     c = _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, prefix_count, _KERNEL_DTYPES)
-    if not c.hidden.is_cuda and not _is_interpreter():
-        raise RuntimeError(f"backend='triton' with tensors on {c.hidden.device} needs TRITON_INTERPRET=1 set "
-                           "before ixc_engine.kernels.pool_score is imported")
     T, H = c.hidden.shape
     B = cu_seqlens.numel() - 1
     cfg = config or default_config(H, B if mode == "last" else T, c.hidden.device)
@@ -401,13 +392,21 @@ def pool_score(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e-5, 
     ``[1, H]`` or ``[H]``, cu_seqlens int32 ``[B+1]``. Returns fp32 ``[B]`` (``mode="last"``: score of each
     sequence's last token; ``"mean"``: mean score over the sequence, continuing ``prefix_sum``/``prefix_count``
     when given) or fp32 ``[T]`` (``"token"``). Differentiable w.r.t. hidden, norm_weight, head_weight and
-    prefix_sum. ``backend``: ``"auto"`` (Triton on CUDA, torch reference otherwise), ``"triton"``, ``"torch"``.
+    prefix_sum. ``backend``: ``"auto"`` (the Triton kernel on CUDA, or on CPU when Triton's interpreter is on; the
+    torch reference otherwise), ``"triton"``, ``"torch"``.
+
+    Precision: with bf16/fp16 ``hidden`` the whole chain (normalize, times norm_weight, dot with the head) stays in
+    fp32. Upstream rounds the normalized row to the input dtype before the weight multiply and the head matmul
+    returns bf16; skipping those roundings moves scores by at most bf16 rounding, towards the fp32 result.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        use_triton = isinstance(hidden, torch.Tensor) and hidden.is_cuda and triton is not None
-        backend = "triton" if use_triton else "torch"
+    if isinstance(hidden, torch.Tensor):
+        unsupported = None if hidden.dtype in _KERNEL_DTYPES else f"hidden dtype {hidden.dtype}"
+        backend = resolve_backend("pool_score", backend, globals().get("_pool_score_fwd_kernel"), hidden.device,
+                                  unsupported)
+    elif backend not in BACKENDS:
+        raise ValueError(f"pool_score: backend must be one of {BACKENDS}, got {backend!r}")
+    else:
+        backend = "torch"  # the reference's checks name what is wrong with `hidden`
     kwargs = {"mode": mode, "eps": eps, "prefix_sum": prefix_sum, "prefix_count": prefix_count}
     if backend == "torch":
         return pool_score_ref(hidden, norm_weight, head_weight, cu_seqlens, **kwargs)

@@ -7,6 +7,7 @@ import importlib
 import numpy as np
 import pytest
 import torch
+from ixc_engine.kernels._backend import built_for_interpreter
 
 gae_mod = importlib.import_module("ixc_engine.training.gae")  # the package re-exports the function `gae`
 from ixc_engine.training.gae import gae, gae_ref
@@ -17,7 +18,7 @@ def _kernel_device():
     # the interpreter, they were compiled for the GPU and take CUDA tensors.
     if gae_mod.triton is None:
         return None
-    if gae_mod._interpreting():
+    if built_for_interpreter(getattr(gae_mod, "_gae_kernel", None)):
         return "cpu"
     return "cuda" if torch.cuda.is_available() else None
 

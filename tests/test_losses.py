@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from ixc_engine.kernels import pool_score as ps_mod
+from ixc_engine.kernels._backend import built_for_interpreter
 from ixc_engine.kernels.pool_score import pool_score
 from ixc_engine.training.critic import (
     critic_step,
@@ -32,7 +33,7 @@ def _kernel_device():
     # the interpreter, they were compiled for the GPU and take CUDA tensors.
     if ps_mod.triton is None:
         return None
-    if ps_mod._is_interpreter():
+    if built_for_interpreter(getattr(ps_mod, "_pool_score_fwd_kernel", None)):
         return "cpu"
     return "cuda" if torch.cuda.is_available() else None
 

@@ -133,9 +133,32 @@ def test_default_plan_and_auto_backend():
     q, k, v, kc, vc, bt, pl, cu = make_inputs(c, seed=3)
     out = paged_prefix_attention(q, k, v, kc, vc, bt, pl, cu, scale=0.2, backend="triton")
     ref = paged_prefix_attention_ref(q, k, v, kc, vc, bt, pl, cu, scale=0.2)
-    auto = paged_prefix_attention(q, k, v, kc, vc, bt, pl, cu, scale=0.2)  # CPU tensors -> reference
+    auto = paged_prefix_attention(q, k, v, kc, vc, bt, pl, cu, scale=0.2)  # interpreter on: the kernel
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(auto, ref, atol=0, rtol=0)
+    torch.testing.assert_close(auto, out, atol=0, rtol=0)
+
+
+def test_auto_backend_takes_the_reference_for_head_dims_the_kernel_lacks():
+    c = Case(16, 4, 2, 24, (5, 9), (17, 0))  # head dim 24: no power-of-two tile
+    q, k, v, kc, vc, bt, pl, cu = make_inputs(c, seed=4)
+    ref = paged_prefix_attention_ref(q, k, v, kc, vc, bt, pl, cu, scale=0.3)
+    torch.testing.assert_close(paged_prefix_attention(q, k, v, kc, vc, bt, pl, cu, scale=0.3), ref, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="head dim 24"):
+        paged_prefix_attention(q, k, v, kc, vc, bt, pl, cu, scale=0.3, backend="triton")
+
+
+def test_non_contiguous_metadata():
+    # Same values as contiguous tensors, other strides: column-strided block table, strided lens and offsets.
+    c = CASES["bs16_g2_mixed"]
+    q, k, v, kc, vc, bt, pl, cu = make_inputs(c, seed=6)
+    ref = paged_prefix_attention_ref(q, k, v, kc, vc, bt, pl, cu, scale=0.2)
+    wide = torch.full((bt.shape[0], 2 * bt.shape[1]), -7, dtype=torch.int32)
+    wide[:, ::2] = bt
+    pl2 = torch.stack([pl, torch.full_like(pl, -3)], 1)[:, 0]
+    cu2 = torch.stack([cu, torch.full_like(cu, 99)], 1)[:, 0]
+    assert not (wide[:, ::2].is_contiguous() or pl2.is_contiguous() or cu2.is_contiguous())
+    out = paged_prefix_attention(q, k, v, kc, vc, wide[:, ::2], pl2, cu2, scale=0.2, backend="triton")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["llama", "internlm2_grouped"])

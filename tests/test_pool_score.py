@@ -11,12 +11,14 @@ if not torch.cuda.is_available():
 
 import ixc_engine.kernels.pool_score as ps
 import pytest
+from ixc_engine.kernels._backend import built_for_interpreter
 
 # CUDA tensors only when the kernels were compiled for the GPU (another test module may have set the interpreter).
-ON_GPU = torch.cuda.is_available() and ps.triton is not None and not ps._is_interpreter()
+INTERPRETED = built_for_interpreter(getattr(ps, "_pool_score_fwd_kernel", None))
+ON_GPU = torch.cuda.is_available() and ps.triton is not None and not INTERPRETED
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 needs_triton = pytest.mark.skipif(ps.triton is None, reason="triton is not installed")
-if ps.triton is not None and DEVICE.type == "cpu" and not ps._is_interpreter():
+if ps.triton is not None and DEVICE.type == "cpu" and not INTERPRETED:
     pytest.skip("triton kernels were imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 # Lengths with singletons, one 1000+ sequence and 37 sequences in all (T = 2190).
@@ -285,11 +287,16 @@ def test_kernel_half_gradients_gpu(dtype):
             torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=tol)
 
 
-def test_auto_backend_on_cpu_is_the_reference():
+def test_auto_backend_runs_the_kernel_where_it_can():
+    # CPU tensors: the kernel under the interpreter (what CI checks), the reference otherwise; fp64 only the reference.
     hidden, wn, wh, cu = make_inputs(100, [3, 9], seed=37)
+    expect = "triton" if INTERPRETED else "torch"
     for mode in ps.MODES:
         assert torch.equal(ps.pool_score(hidden, wn, wh, cu, mode=mode),
-                           ps.pool_score_ref(hidden, wn, wh, cu, mode=mode))
+                           ps.pool_score(hidden, wn, wh, cu, mode=mode, backend=expect))
+        h64, wn64, wh64 = hidden.double(), wn.double(), wh.double()
+        assert torch.equal(ps.pool_score(h64, wn64, wh64, cu, mode=mode),
+                           ps.pool_score_ref(h64, wn64, wh64, cu, mode=mode))
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -379,7 +386,7 @@ def test_bad_backend_and_triton_rejects_fp64():
     with pytest.raises(ValueError, match="backend must be one of"):
         ps.pool_score(hidden, wn, wh, cu, mode="last", backend="cuda")
     if ps.triton is not None:
-        with pytest.raises(ValueError, match="hidden dtype must be one of"):
+        with pytest.raises(ValueError, match="cannot take these inputs: hidden dtype torch.float64"):
             ps.pool_score(*to_dev(hidden, wn, wh, cu), mode="last", backend="triton")
 
 

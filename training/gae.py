@@ -20,13 +20,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels._backend import BACKENDS, resolve_backend
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # triton is the optional `gpu` extra; the torch reference still works
     triton = None
-
-BACKENDS = ("auto", "triton", "torch")
 
 
 def gae_ref(
@@ -71,13 +71,6 @@ if triton is not None:
             tl.store(ret_ptr + base + t, tl.where(valid, a + v, 0.0), mask=row_ok)
             next_v = tl.where(valid, v, next_v)
             next_a = tl.where(valid, a, next_a)
-
-
-def _interpreting() -> bool:
-    # Triton decides at decoration time (TRITON_INTERPRET read when this module was imported).
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_gae_kernel, InterpretedFunction)
 
 
 def _gae_triton(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -130,20 +123,11 @@ def gae(
     """GAE over right-padded [B, T] rewards/values with a [B, T] bool (or 0/1) mask of valid action positions.
 
     Returns float32 (advantages, returns), both [B, T], zero at invalid positions, no gradient; see the module
-    docstring for the exact recurrence. backend: "auto" (Triton kernel for CUDA tensors when triton is installed,
-    torch reference otherwise), "triton" (force the kernel; CPU tensors need TRITON_INTERPRET=1 set before
-    import), "torch" (the reference loop).
+    docstring for the exact recurrence. backend: "auto" (the Triton kernel for CUDA tensors, or for CPU tensors
+    when Triton's interpreter is on; the torch reference otherwise), "triton" (force the kernel; CPU tensors need
+    TRITON_INTERPRET=1 set before import), "torch" (the reference loop).
     """
     _check_inputs(rewards, values, mask, gamma, lam, backend)
-    if backend == "auto":
-        backend = "triton" if (triton is not None and rewards.device.type == "cuda") else "torch"
-    if backend == "torch":
+    if resolve_backend("gae", backend, globals().get("_gae_kernel"), rewards.device) == "torch":
         return gae_ref(rewards, values, mask, gamma, lam)
-    if triton is None:
-        raise RuntimeError("gae: backend='triton' needs the triton package (pip install ixc-engine[gpu])")
-    if rewards.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(
-            f"gae: backend='triton' on {rewards.device.type} tensors needs TRITON_INTERPRET=1 (set before importing "
-            "ixc_engine); use backend='torch' or CUDA tensors"
-        )
     return _gae_triton(rewards, values, mask, gamma, lam)

@@ -160,7 +160,7 @@ def _attention(q, k, v, ctx: ForwardContext, layer_idx: int, scale: float) -> to
 
     cache = ctx.kv_cache
     if cache is not None and ctx.slot_mapping is not None:
-        write_kv_cache(k, v, cache.k[layer_idx], cache.v[layer_idx], ctx.slot_mapping)
+        write_kv_cache(k, v, cache.k[layer_idx], cache.v[layer_idx], ctx.slot_mapping, backend=ctx.backend)
     if not ctx.has_prefix and (ctx.backend != "triton" or q.requires_grad):
         # the Triton kernel has no backward: training (autograd on) takes the differentiable SDPA path
         return varlen_causal_attention_ref(q, k, v, ctx.cu_seqlens.tolist(), scale)
