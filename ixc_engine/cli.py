@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import textwrap
 import time
 from pathlib import Path
+
+from ixc_engine.corpus import JobManifest, errors_path_for, job_path_for, read_records, same_file
 
 EXAMPLES = """\
 examples:
@@ -29,56 +33,132 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Wraps description paragraphs to the terminal; keeps example blocks (indented lines) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for para in text.split("\n\n"):
+            lines = para.splitlines()
+            if len(lines) > 1 and all(line.startswith("  ") for line in lines[1:]):
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(textwrap.fill(" ".join(para.split()), width, initial_indent=indent,
+                                                subsequent_indent=indent))
+        return "\n\n".join(paragraphs)
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ixc-engine")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ixc-engine", description="Fast, exact scoring with the IXC-2.5-Reward multi-modal reward model.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES, formatter_class=_Formatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = _Formatter
 
     s = sub.add_parser(
-        "score", help="score every sample of a corpus JSONL file",
+        "score", help="score every sample of a corpus JSONL file", formatter_class=fmt,
         description="Score a corpus: one JSON object per line, {\"id\", \"messages\": [{\"role\", \"content\"}...], "
-        "\"images\": [paths relative to the corpus file; videos by extension]}. Writes one line per scored sample "
+        "\"images\": [paths relative to the corpus file; videos by extension]}.\n\nWrites one line per scored sample "
         "({\"id\", \"score\", \"n_tokens\", \"line\"}) in input order to -o, and every line that cannot be scored to "
-        "<output>.errors.jsonl with its line number and the reason. Re-running the same command resumes.",
+        "<output>.errors.jsonl with its line number, id and the reason; every input line lands in exactly one of the "
+        "two. <output>.job.json records the job's settings and whether it finished. Re-running the same command "
+        "after an interruption (Ctrl-C, kill, crash) resumes where it stopped; re-running it with another corpus, "
+        "model, --hd-num, --max-length, --shard or dtype is refused unless --restart is given.",
+        epilog="examples:\n"
+        "  ixc-engine score examples/corpus.jsonl --model examples/demo-model -o out/scores.jsonl\n"
+        "  ixc-engine score corpus.jsonl --model /models/ixc-2.5-reward --dtype bfloat16 -o scores.jsonl\n"
+        "  ixc-engine score corpus.jsonl --model /models/ixc-2.5-reward --shard 1/4 -o scores.jsonl"
+        "   # writes scores.shard1-of-4.jsonl",
     )
     s.add_argument("corpus", type=Path, help="input JSONL file")
     s.add_argument("--model", required=True, help="checkpoint directory (or a hub id with huggingface_hub)")
     s.add_argument("-o", "--output", type=Path, required=True, help="scores JSONL file to write")
-    s.add_argument("--hd-num", type=int, default=9,
-                   help="HD crop budget per image (default 9, upstream's README setting; get_score used 24)")
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    s.add_argument("--hd-num", type=_int_at_least(1), default=9,
+                   help="HD crop budget per image (default 9, upstream's README setting; get_score used 24; "
+                   "samples with several images use 6, as upstream)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     s.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU, fp32 on CPU)")
-    s.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget of one packed batch")
-    s.add_argument("--max-length", type=int, default=None,
-                   help="longest sample in tokens (default: the model's max_length); longer ones are reported")
-    s.add_argument("--window", type=int, default=64, help="samples prepared and scheduled together")
-    s.add_argument("--workers", type=int, default=0, help="processes for CPU preprocessing (default 0: inline)")
-    s.add_argument("--no-prefix-cache", action="store_true", help="disable shared-prefix reuse")
+    s.add_argument("--max-batch-tokens", type=_int_at_least(1), default=16384,
+                   help="token budget of one packed batch (default 16384); a longer sample runs alone")
+    s.add_argument("--max-length", type=_int_at_least(1), default=None,
+                   help="longest sample in tokens (default: the model's max_length, 16384 for the release); longer "
+                   "samples go to the errors file, never truncated")
+    s.add_argument("--window", type=_int_at_least(1), default=64,
+                   help="samples prepared and scheduled together (default 64); output is flushed every window")
+    s.add_argument("--workers", type=_int_at_least(0), default=0,
+                   help="processes for CPU preprocessing: decode, resize, tokenize (default 0: in this process)")
+    s.add_argument("--no-prefix-cache", action="store_true", help="disable shared-prefix reuse (scores are equal)")
     s.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="score only lines with (line-1) %% N == I; output goes to <output>.shardI-of-N.jsonl "
-                   "(under torchrun: RANK/WORLD_SIZE, device cuda:LOCAL_RANK)")
-    s.add_argument("--restart", action="store_true", help="ignore existing output and start over")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   "(under torchrun: RANK/WORLD_SIZE, device cuda:LOCAL_RANK); join with `ixc-engine merge`")
+    s.add_argument("--restart", action="store_true",
+                   help="delete this job's earlier output (scores, errors, job files) and start over")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
 
-    f = sub.add_parser("filter", help="write the corpus lines whose score passes a threshold")
-    f.add_argument("corpus", type=Path)
-    f.add_argument("--scores", type=Path, required=True, help="scores JSONL written by `score`")
+    f = sub.add_parser(
+        "filter", help="write the corpus lines whose score passes a threshold", formatter_class=fmt,
+        description="Write the lines of CORPUS whose score passes a threshold to -o, byte for byte, in input order. "
+        "Lines in the errors file (unreadable samples) are dropped too. The scores must come from a finished job "
+        "on this very corpus: every line needs a score or an error record with the line's id, else nothing is "
+        "written.",
+        epilog="examples:\n"
+        "  ixc-engine filter corpus.jsonl --scores scores.jsonl --drop-fraction 0.1 -o clean.jsonl\n"
+        "  ixc-engine filter corpus.jsonl --scores scores.jsonl --min-score -1.5 -o clean.jsonl",
+    )
+    f.add_argument("corpus", type=Path, help="the corpus JSONL file that was scored")
+    f.add_argument("--scores", type=Path, required=True,
+                   help="scores JSONL written by `score` (its .errors.jsonl and .job.json beside it are read too)")
     g = f.add_mutually_exclusive_group(required=True)
     g.add_argument("--min-score", type=float, help="keep samples scoring at least this")
-    g.add_argument("--drop-fraction", type=float, help="drop this fraction of scored samples, lowest scores first")
-    f.add_argument("-o", "--output", type=Path, required=True)
+    g.add_argument("--drop-fraction", type=float,
+                   help="drop this fraction (in [0, 1)) of the scored samples, lowest scores first")
+    f.add_argument("-o", "--output", type=Path, required=True, help="cleaned corpus JSONL to write")
 
-    m = sub.add_parser("merge", help="join per-shard score files in input order")
+    m = sub.add_parser(
+        "merge", help="join per-shard score files in input order", formatter_class=fmt,
+        description="Join the outputs of `score --shard I/N` runs into one scores file (and one errors file) in "
+        "input order. Refuses an incomplete set: a missing shard (by the NAME.shardI-of-N.jsonl names), an "
+        "unfinished shard (by its .job.json), shards of different jobs, or overlapping shards.",
+        epilog="example:\n  ixc-engine merge -o scores.jsonl scores.shard0-of-2.jsonl scores.shard1-of-2.jsonl",
+    )
     m.add_argument("shards", type=Path, nargs="+", help="the shard score files (their .errors.jsonl are joined too)")
-    m.add_argument("-o", "--output", type=Path, required=True)
+    m.add_argument("-o", "--output", type=Path, required=True, help="merged scores JSONL to write")
 
-    t = sub.add_parser("init-tiny", help="write a random tiny model in the exact release layout")
-    t.add_argument("directory", type=Path)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    t.add_argument("--format", default="safetensors", choices=["safetensors", "bin"])
+    t = sub.add_parser(
+        "init-tiny", help="write a random tiny model in the exact release layout", formatter_class=fmt,
+        description="Write a small randomly initialised IXC-2.5-Reward model in the release's layout (config.json, "
+        "sharded weights with an index, tokenizer.model): for tests and trying the tools without the 16 GB model.",
+    )
+    t.add_argument("directory", type=Path, help="where to write it (created)")
+    t.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default float32)")
+    t.add_argument("--format", default="safetensors", choices=["safetensors", "bin"],
+                   help="weight files: safetensors, or .bin pickles like the hub's main branch (default safetensors)")
 
     tr = sub.add_parser("train-rm", help="train a reward model on preference pairs (ixc-engine train-rm --help)",
                         add_help=False)  # every argument, --help included, goes to ixc_engine.training.cli
@@ -94,9 +174,21 @@ def shard_output(path: Path, shard: tuple[int, int]) -> Path:
     return path.with_name(f"{stem}.shard{i}-of-{n}.jsonl")
 
 
+def _model_key(model: str) -> str:
+    """How a job remembers its model: the absolute path of a local directory, else the hub id as given."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def _check_outputs_apart(inputs: dict[str, Path], outputs: list[Path]) -> None:
+    for out in outputs:
+        for what, path in inputs.items():
+            if same_file(out, path):
+                raise ValueError(f"output {out} is the {what} {path}: choose another -o")
+
+
 def cmd_score(args) -> int:
     from ixc_engine.api import RewardEngine
-    from ixc_engine.corpus import ResultWriter, count_lines, read_corpus
+    from ixc_engine.corpus import LineError, ResultWriter, count_lines, job_path_for, read_corpus
     from ixc_engine.engine.engine import EngineConfig
 
     if not args.corpus.is_file():
@@ -108,22 +200,64 @@ def cmd_score(args) -> int:
         if args.device is None:
             args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     out_path = shard_output(args.output, args.shard)
+    job_path = job_path_for(out_path)
+    _check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
     cfg = EngineConfig(
         hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window, workers=args.workers,
         prefix_cache=not args.no_prefix_cache, max_length=args.max_length,
     )
-    t_load = time.perf_counter()
-    engine = RewardEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=cfg)
-    writer, done = ResultWriter.open(out_path, resume=not args.restart)
     total_lines = count_lines(args.corpus)
     i, n = args.shard
     mine = len(range(i, total_lines, n))
+    job = JobManifest(corpus=str(args.corpus.resolve()), model=_model_key(args.model), hd_num=args.hd_num,
+                      max_length=args.max_length, shard=args.shard, lines=mine)
+    previous = None if args.restart else JobManifest.load(job_path)
+    if previous is not None and (diff := previous.differences(job)):
+        raise ValueError(f"{out_path} holds the results of another job ({'; '.join(diff)}): use --restart to "
+                         "score from scratch into it, or choose another -o")
+    writer, done = ResultWriter.open(out_path, resume=not args.restart)
+    if args.restart:
+        job_path.unlink(missing_ok=True)
+    if total_lines == 0:
+        print(f"warning: corpus {args.corpus} is empty", file=sys.stderr)
     if done:
         print(f"resuming: {len(done)} of {mine} lines already in {out_path} and its errors file", file=sys.stderr)
+    if len(done) >= mine:  # nothing left: no model to load
+        writer.close()
+        job.dtype, job.complete = previous.dtype if previous else None, True
+        job.errors = count_lines(writer.errors_path)
+        job.scored = len(done) - job.errors
+        job.save(job_path)
+        print(json.dumps({"scored": 0, "errors": 0, "skipped_already_done": len(done), "scores": str(out_path),
+                          "errors_file": str(writer.errors_path)}), file=sys.stderr)
+        return 0
+
+    t_load = time.perf_counter()
+    try:
+        engine = RewardEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=cfg)
+    except BaseException:
+        writer.close()
+        raise
+    job.dtype = str(engine.engine.runner.dtype).removeprefix("torch.")
+    if previous is not None and previous.dtype not in (None, job.dtype):
+        writer.close()
+        raise ValueError(f"{out_path} was scored in {previous.dtype}, this run would use {job.dtype}: pass --dtype "
+                         f"{previous.dtype} to resume it, or --restart")
+    job.save(job_path)
     print(f"model loaded in {time.perf_counter() - t_load:.1f}s on {engine.engine.runner.device} "
           f"({engine.engine.runner.dtype})", file=sys.stderr)
 
-    todo = ((ln, s) for ln, s in read_corpus(args.corpus, shard=args.shard) if ln not in done)
+    def todo():
+        for ln, item in read_corpus(args.corpus, shard=args.shard):
+            if ln not in done:
+                yield ln, item
+                continue
+            # Results are written in input order, so every resumed line is checked before anything new is written.
+            cid = item.sample_id if isinstance(item, LineError) else item.id
+            if done[ln] is not None and cid is not None and done[ln] != cid:
+                raise ValueError(f"line {ln} of {args.corpus} has id {cid!r} but {out_path} recorded {done[ln]!r} "
+                                 "for it: the corpus changed since the first run; use --restart to score it anew")
+
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -132,7 +266,7 @@ def cmd_score(args) -> int:
     n_ok = n_err = tokens = 0
     t0 = time.perf_counter()
     try:
-        for r in engine.score_stream(todo, hd_num=args.hd_num):
+        for r in engine.score_stream(todo(), hd_num=args.hd_num):
             if r.error is None:
                 writer.write_score(r.index, r.id, r.score, r.n_tokens)
                 n_ok += 1
@@ -153,7 +287,12 @@ def cmd_score(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+        engine.close()
     writer.close()
+    job.complete = True
+    job.errors = count_lines(writer.errors_path)
+    job.scored = len(done) + n_ok + n_err - job.errors
+    job.save(job_path)
     el = time.perf_counter() - t0
     st = engine.stats()
     print(json.dumps({
@@ -165,62 +304,141 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _corpus_ids(path: Path):
+    """(line number, id) of each corpus line, the id as `score` records it (the line number when absent); None for a
+    line that is not a JSON object."""
+    with open(path, "rb") as fh:
+        for ln, raw in enumerate(fh, 1):
+            try:
+                obj = json.loads(raw.decode("utf-8").removeprefix("\ufeff") if ln == 1 else raw)
+            except (ValueError, UnicodeDecodeError):
+                yield ln, None
+                continue
+            yield ln, obj.get("id", ln) if isinstance(obj, dict) else None
+
+
 def cmd_filter(args) -> int:
+    import math
+
     from ixc_engine.corpus import count_lines
 
-    scores: dict[int, float] = {}
-    with open(args.scores, encoding="utf-8") as fh:
-        for k, raw in enumerate(fh, 1):
-            try:
-                rec = json.loads(raw)
-                scores[int(rec["line"])] = float(rec["score"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                print(f"error: {args.scores}:{k}: not a score record ({exc})", file=sys.stderr)
-                return 2
+    if args.min_score is not None and not math.isfinite(args.min_score):
+        raise ValueError(f"--min-score must be a finite number, got {args.min_score}")
+    if args.drop_fraction is not None and not 0.0 <= args.drop_fraction < 1.0:
+        raise ValueError(f"--drop-fraction must be in [0, 1), got {args.drop_fraction}")
+    if not args.corpus.is_file():
+        raise ValueError(f"corpus {args.corpus} not found")
+    if not args.scores.is_file():
+        raise ValueError(f"scores file {args.scores} not found")
+    errors_file = errors_path_for(args.scores)
+    _check_outputs_apart({"corpus": args.corpus, "scores file": args.scores, "errors file": errors_file},
+                         [args.output])
+    job = JobManifest.load(job_path_for(args.scores))
+    if job is not None and not job.complete:
+        raise ValueError(f"{args.scores} is from an unfinished scoring job: run the same `ixc-engine score` command "
+                         "again to finish it (it resumes), then filter")
+    if job is not None and job.shard[1] > 1:
+        raise ValueError(f"{args.scores} is shard {job.shard[0]}/{job.shard[1]} of a job: `ixc-engine merge` the "
+                         "shards first, then filter the merged scores")
+    scored = {r["line"]: r for r in read_records(args.scores, "score")}
+    failed = {r["line"]: r for r in read_records(errors_file, "error")}
+    total = count_lines(args.corpus)
+    # Every corpus line must have exactly one record, with the corpus line's id: scores of another corpus, or of an
+    # unfinished job, must not silently decide what is kept.
+    stray = sorted(ln for ln in (*scored, *failed) if not 1 <= ln <= total)
+    if stray:
+        raise ValueError(f"{args.scores} has records for lines the corpus ({total} lines) does not have, e.g. line "
+                         f"{stray[0]}: these scores belong to another corpus")
+    missing = []
+    for ln, cid in _corpus_ids(args.corpus):
+        rec = scored.get(ln)
+        if rec is None:
+            if ln not in failed:
+                missing.append(ln)
+        elif cid != rec.get("id"):
+            raise ValueError(f"line {ln} of {args.corpus} has id {cid!r} but {args.scores} scored id "
+                             f"{rec.get('id')!r} there: these scores belong to another corpus (or it changed)")
+    if missing:
+        raise ValueError(f"{len(missing)} lines of {args.corpus} (first: line {missing[0]}) have neither a score in "
+                         f"{args.scores} nor an error in {errors_file}: finish the scoring job first (re-running it "
+                         "resumes), or merge all shards")
+    scores = {ln: float(r["score"]) for ln, r in scored.items()}
     if args.min_score is not None:
-        threshold = args.min_score
-        keep = {ln for ln, s in scores.items() if s >= threshold}
+        keep = {ln for ln, s in scores.items() if s >= args.min_score}
     else:
-        if not 0.0 <= args.drop_fraction < 1.0:
-            print("error: --drop-fraction must be in [0, 1)", file=sys.stderr)
-            return 2
         ranked = sorted(scores, key=lambda ln: (scores[ln], ln))
         keep = set(ranked[round(args.drop_fraction * len(ranked)):])
-    total = count_lines(args.corpus)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with open(args.corpus, encoding="utf-8") as src, open(args.output, "w", encoding="utf-8") as dst:
         for ln, raw in enumerate(src, 1):
             if ln in keep:
                 dst.write(raw if raw.endswith("\n") else raw + "\n")
-    unscored = total - len(scores)
     print(json.dumps({"lines": total, "scored": len(scores), "kept": len(keep), "dropped_low_score":
-                      len(scores) - len(keep), "dropped_unscored": unscored, "output": str(args.output)}),
+                      len(scores) - len(keep), "dropped_errors": len(failed), "output": str(args.output)}),
           file=sys.stderr)
     return 0
 
 
-def cmd_merge(args) -> int:
-    from ixc_engine.corpus import errors_path_for
+_SHARD_NAME = re.compile(r"^(?P<stem>.*)\.shard(?P<i>\d+)-of-(?P<n>\d+)\.jsonl$")
 
-    for kind, path_of in (("scores", lambda p: p), ("errors", errors_path_for)):
+
+def _check_shard_set(shards: list[Path]) -> list[JobManifest]:
+    """All shards of one job, each finished: by their names (NAME.shardI-of-N.jsonl) and job descriptions."""
+    named = [_SHARD_NAME.match(p.name) for p in shards]
+    if all(named):
+        counts = {int(m["n"]) for m in named}
+        if len(counts) != 1:
+            raise ValueError(f"the shards come from splits into different numbers of parts: {sorted(counts)}")
+        n = counts.pop()
+        got = sorted(int(m["i"]) for m in named)
+        if len(set(got)) != len(got):
+            raise ValueError("a shard is given twice")
+        if absent := sorted(set(range(n)) - set(got)):
+            raise ValueError(f"shard(s) {', '.join(f'{i}/{n}' for i in absent)} missing: merge needs all {n}")
+    jobs = []
+    for p in shards:
+        if not p.exists():
+            raise ValueError(f"shard file {p} not found")
+        job = JobManifest.load(job_path_for(p))
+        if job is None:
+            print(f"warning: {p} has no job description ({job_path_for(p).name}); cannot check it is finished",
+                  file=sys.stderr)
+            continue
+        if not job.complete:
+            raise ValueError(f"{p} is an unfinished shard (job not complete): run its `ixc-engine score ... --shard "
+                             f"{job.shard[0]}/{job.shard[1]}` again to finish it, then merge")
+        jobs.append(job)
+    if jobs and len({(j.corpus, j.model, j.hd_num, j.max_length, j.dtype, j.shard[1]) for j in jobs}) != 1:
+        raise ValueError("the shards come from different jobs (corpus, model, hd_num, max_length, dtype or split)")
+    return jobs
+
+
+def cmd_merge(args) -> int:
+    _check_outputs_apart({f"shard file {k}": p for k, p in enumerate(args.shards)} |
+                         {f"errors file of shard {k}": errors_path_for(p) for k, p in enumerate(args.shards)},
+                         [args.output, errors_path_for(args.output)])
+    jobs = _check_shard_set(args.shards)
+    counts = {}
+    for kind, path_of in (("score", lambda p: p), ("error", errors_path_for)):
         records = []
         for shard in args.shards:
-            src = path_of(shard)
-            if not src.exists():
-                if kind == "scores":
-                    print(f"error: shard file {src} not found", file=sys.stderr)
-                    return 2
-                continue
-            with open(src, encoding="utf-8") as fh:
-                records += [(json.loads(raw)["line"], raw) for raw in fh if raw.endswith("\n")]
+            records += [(rec["line"], raw) for rec, raw in read_records(path_of(shard), kind, with_lines=True)]
         lines = [ln for ln, _ in records]
         if len(set(lines)) != len(lines):
-            print(f"error: the {kind} shards overlap (a line appears twice)", file=sys.stderr)
-            return 2
-        dst = args.output if kind == "scores" else errors_path_for(args.output)
+            raise ValueError(f"the {kind} files of the shards overlap (a line appears twice)")
+        dst = args.output if kind == "score" else errors_path_for(args.output)
         with open(dst, "w", encoding="utf-8") as out:
             out.writelines(raw for _, raw in sorted(records))
-        print(f"{kind}: {len(records)} lines -> {dst}", file=sys.stderr)
+        counts[kind] = len(records)
+        print(f"{kind}s: {len(records)} lines -> {dst}", file=sys.stderr)
+    if jobs and len(jobs) == len(args.shards):
+        j = jobs[0]
+        merged = JobManifest(corpus=j.corpus, model=j.model, hd_num=j.hd_num, max_length=j.max_length, shard=(0, 1),
+                             lines=sum(x.lines for x in jobs), dtype=j.dtype, complete=True, scored=counts["score"],
+                             errors=counts["error"])
+        if merged.lines != counts["score"] + counts["error"]:
+            raise ValueError(f"the shards hold {counts['score'] + counts['error']} records for {merged.lines} lines")
+        merged.save(job_path_for(args.output))
     return 0
 
 

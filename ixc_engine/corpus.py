@@ -21,6 +21,9 @@ class LineError(SampleError):
 
 def parse_line(text: str, line_no: int, base_dir: Path) -> Sample:
     """One corpus line -> Sample. Raises LineError naming what is wrong."""
+    text = text.rstrip("\r\n")  # so that a JSON error's column counts characters of the line itself
+    if line_no == 1:
+        text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark, as some editors write
     if not text.strip():
         raise LineError("empty line")
     try:
@@ -84,22 +87,105 @@ def errors_path_for(scores_path: str | Path) -> Path:
     return p.with_name(name + ".errors.jsonl")
 
 
-def _trim_partial_line(path: Path) -> list[dict]:
-    """Records of complete lines; a torn last line (killed mid-write) is cut off the file."""
+def job_path_for(scores_path: str | Path) -> Path:
+    """The job description beside a scores file: what was scored, with which settings, and whether it finished."""
+    p = Path(scores_path)
+    return p.with_name(p.name.removesuffix(".jsonl") + ".job.json")
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _check_record(rec, path: Path, k: int, kind: str) -> dict:
+    """A line of a scores ("score") or errors ("error") file written by `ixc-engine score`, or a clear error."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("line"), int) or kind not in rec:
+        raise ValueError(f"{path}:{k}: not a {kind} record written by `ixc-engine score` (need 'line' and '{kind}')")
+    return rec
+
+
+def read_records(path: str | Path, kind: str, *, trim: bool = False, with_lines: bool = False) -> list:
+    """Validated records of a scores (kind "score") or errors ("error") file; [] when it does not exist.
+
+    A torn last line (a job killed mid-write) is ignored, and with trim=True also cut off the file so that a resumed
+    job appends after the last complete record. with_lines=True gives (record, the line's text) pairs.
+    """
+    path = Path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1
-    if keep != len(data):
+    if trim and keep != len(data):
         with open(path, "r+b") as fh:
             fh.truncate(keep)
     records = []
-    for raw in data[:keep].splitlines():
+    for k, raw in enumerate(data[:keep].split(b"\n")[:-1], 1):
         try:
-            records.append(json.loads(raw))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}: cannot resume, a line is not valid JSON: {raw[:80]!r}") from None
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path}:{k}: not a {kind} record written by `ixc-engine score` (not valid JSON: "
+                             f"{raw[:60]!r})") from None
+        rec = _check_record(rec, path, k, kind)
+        records.append((rec, raw.decode("utf-8") + "\n") if with_lines else rec)
     return records
+
+
+def check_not_foreign(path: Path, kind: str) -> None:
+    """Refuse to append to or delete a file that `ixc-engine score` did not write (e.g. -o naming the corpus)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as fh:
+        first = fh.readline()
+    try:
+        _check_record(json.loads(first), path, 1, kind)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{path} exists and was not written by `ixc-engine score` (its first line is not a {kind} "
+                         "record); refusing to touch it: remove it or choose another -o") from None
+
+
+@dataclass(slots=True)
+class JobManifest:
+    """What a scores file holds: written when a job starts, marked complete when it ends (see `job_path_for`)."""
+
+    corpus: str
+    model: str
+    hd_num: int
+    max_length: int | None
+    shard: tuple[int, int]
+    lines: int  # corpus lines of this shard
+    dtype: str | None = None
+    complete: bool = False
+    scored: int = 0
+    errors: int = 0
+
+    IDENTITY = ("corpus", "model", "hd_num", "max_length", "shard")
+
+    @classmethod
+    def load(cls, path: str | Path) -> JobManifest | None:
+        path = Path(path)
+        if not path.exists():
+            return None
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            d["shard"] = tuple(d["shard"])
+            return cls(**d)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{path}: unreadable job description ({exc}); remove it or use --restart") from None
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        d = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        d["shard"] = list(self.shard)
+        tmp.write_text(json.dumps(d, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def differences(self, other: JobManifest) -> list[str]:
+        return [f"{name}: {getattr(self, name)!r} then, {getattr(other, name)!r} now" for name in self.IDENTITY
+                if getattr(self, name) != getattr(other, name)]
 
 
 @dataclass(slots=True)
@@ -112,13 +198,16 @@ class ResultWriter:
     _errors: object = None
 
     @classmethod
-    def open(cls, scores_path: str | Path, *, resume: bool) -> tuple[ResultWriter, set[int]]:
+    def open(cls, scores_path: str | Path, *, resume: bool) -> tuple[ResultWriter, dict[int, object]]:
+        """The writer and, when resuming, {line: id} of the lines already written (scores and errors)."""
         scores_path = Path(scores_path)
         errors_path = errors_path_for(scores_path)
-        done: set[int] = set()
+        check_not_foreign(scores_path, "score")
+        check_not_foreign(errors_path, "error")
+        done: dict[int, object] = {}
         if resume:
-            for rec in _trim_partial_line(scores_path) + _trim_partial_line(errors_path):
-                done.add(int(rec["line"]))
+            for rec in read_records(scores_path, "score", trim=True) + read_records(errors_path, "error", trim=True):
+                done[rec["line"]] = rec.get("id")
         else:
             for p in (scores_path, errors_path):
                 if p.exists():

@@ -167,3 +167,150 @@ def test_ctrl_c_then_resume(corpus, tiny_ckpt, tmp_path):
     assert res.returncode == 0, res.stderr
     lines = [r["line"] for r in _read(out)] + [r["line"] for r in _read(tmp_path / "int.errors.jsonl")]
     assert sorted(lines) == list(range(1, 25))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Guard rails: nothing is overwritten, mixed up or merged by mistake
+
+
+def _score(corpus, model, out, *extra):
+    return main(["score", str(corpus), "--model", str(model), "-o", str(out), "--no-progress", *map(str, extra)])
+
+
+def test_output_naming_the_corpus_or_a_foreign_file_is_refused(corpus, tiny_ckpt, tmp_path, capsys):
+    copy = tmp_path / "c.jsonl"
+    copy.write_bytes(corpus.read_bytes())
+    for extra in ([], ["--restart"]):
+        assert _score(copy, tiny_ckpt, copy, *extra) == 2
+        assert "is the corpus" in capsys.readouterr().err
+        assert copy.read_bytes() == corpus.read_bytes()
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"title": "my data"}\n')
+    for extra in ([], ["--restart"]):
+        assert _score(corpus, tiny_ckpt, notes, *extra) == 2
+        assert "was not written by `ixc-engine score`" in capsys.readouterr().err
+        assert notes.read_text() == '{"title": "my data"}\n'
+
+
+def test_resume_refuses_another_job_and_a_changed_corpus(corpus, tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    assert _score(corpus, tiny_ckpt, out) == 0
+    job = json.loads((tmp_path / "s.job.json").read_text())
+    assert job["complete"] and job["lines"] == 24 and job["scored"] == 18 and job["errors"] == 6
+    assert _score(corpus, tiny_ckpt, out, "--hd-num", 4) == 2
+    err = capsys.readouterr().err
+    assert "another job" in err and "hd_num: 9 then, 4 now" in err
+    # the same corpus path with other content, as if the file were replaced after a partial run
+    lines = _read(out)
+    out.write_text("".join(json.dumps(r) + "\n" for r in lines[:4]))
+    changed = corpus.read_text().replace('"id": "s0"', '"id": "other"')
+    saved = corpus.read_text()
+    try:
+        corpus.write_text(changed)
+        assert _score(corpus, tiny_ckpt, out) == 2
+        err = capsys.readouterr().err
+        assert "line 1" in err and "'other'" in err and "--restart" in err
+        assert len(_read(out)) == 4  # nothing appended
+    finally:
+        corpus.write_text(saved)
+    assert _score(corpus, tiny_ckpt, out, "--hd-num", 4, "--restart") == 0
+    assert json.loads((tmp_path / "s.job.json").read_text())["hd_num"] == 4
+
+
+def test_finished_job_is_not_rescored(corpus, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "s.jsonl"
+    assert _score(corpus, tiny_ckpt, out) == 0
+    before = out.read_bytes()
+    from ixc_engine.api import RewardEngine
+
+    def no_load(*a, **k):
+        raise AssertionError("a finished job must not load the model")
+
+    monkeypatch.setattr(RewardEngine, "from_pretrained", no_load)
+    assert _score(corpus, tiny_ckpt, out) == 0
+    assert out.read_bytes() == before
+    assert '"skipped_already_done": 24' in capsys.readouterr().err
+
+
+def test_filter_refuses_scores_that_do_not_belong_to_the_corpus(corpus, tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    assert _score(corpus, tiny_ckpt, out) == 0
+    clean = tmp_path / "clean.jsonl"
+
+    def filt(corp, scores, *extra):
+        return main(["filter", str(corp), "--scores", str(scores), *extra, "-o", str(clean)])
+
+    # another corpus: same length, other ids; and a longer one
+    other = tmp_path / "other.jsonl"
+    other.write_text(corpus.read_text().replace('"id": "s3"', '"id": "x3"'))
+    assert filt(other, out, "--drop-fraction", "0.1") == 2
+    assert "belong to another corpus" in capsys.readouterr().err
+    longer = tmp_path / "longer.jsonl"
+    longer.write_text(corpus.read_text() * 2)
+    assert filt(longer, out, "--drop-fraction", "0.1") == 2
+    assert "have neither a score" in capsys.readouterr().err
+    assert not clean.exists()
+    # an unfinished job
+    job = json.loads((tmp_path / "s.job.json").read_text())
+    (tmp_path / "s.job.json").write_text(json.dumps({**job, "complete": False}))
+    assert filt(corpus, out, "--drop-fraction", "0.1") == 2
+    assert "unfinished" in capsys.readouterr().err
+    (tmp_path / "s.job.json").write_text(json.dumps(job))
+    # output onto an input, a NaN threshold
+    assert main(["filter", str(corpus), "--scores", str(out), "--min-score", "0", "-o", str(corpus)]) == 2
+    assert "is the corpus" in capsys.readouterr().err
+    assert filt(corpus, out, "--min-score", "nan") == 2
+    assert "finite" in capsys.readouterr().err
+    assert filt(corpus, out, "--drop-fraction", "0.5") == 0
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert summary == {"lines": 24, "scored": 18, "kept": 9, "dropped_low_score": 9, "dropped_errors": 6,
+                       "output": str(clean)}
+
+
+def test_merge_refuses_missing_and_unfinished_shards(corpus, tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "m.jsonl"
+    for i in range(3):
+        assert _score(corpus, tiny_ckpt, out, "--shard", f"{i}/3") == 0
+    shards = [tmp_path / f"m.shard{i}-of-3.jsonl" for i in range(3)]
+    merged = tmp_path / "all.jsonl"
+    assert main(["merge", "-o", str(merged), str(shards[0]), str(shards[2])]) == 2
+    assert "1/3 missing" in capsys.readouterr().err
+    job1 = tmp_path / "m.shard1-of-3.job.json"
+    saved = job1.read_text()
+    job1.write_text(json.dumps({**json.loads(saved), "complete": False}))
+    assert main(["merge", "-o", str(merged), *map(str, shards)]) == 2
+    assert "unfinished shard" in capsys.readouterr().err
+    job1.write_text(saved)
+    assert main(["merge", "-o", str(merged), *map(str, shards)]) == 0
+    job = json.loads((tmp_path / "all.job.json").read_text())
+    assert job["complete"] and job["shard"] == [0, 1] and job["lines"] == 24
+    # filter takes the merged scores, not a single shard
+    clean = tmp_path / "clean.jsonl"
+    assert main(["filter", str(corpus), "--scores", str(shards[0]), "--min-score", "0", "-o", str(clean)]) == 2
+    assert "merge" in capsys.readouterr().err
+    assert main(["filter", str(corpus), "--scores", str(merged), "--drop-fraction", "0.2", "-o", str(clean)]) == 0
+
+
+def test_json_error_column_and_byte_order_mark(tiny_ckpt, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    good = json.dumps({"id": "a", "messages": [{"role": "user", "content": "hi"}]})
+    corpus.write_text("\ufeff" + good + "\n" + '{"id": "b", "messages": [] "x": 1}\n', encoding="utf-8")
+    out = tmp_path / "s.jsonl"
+    assert _score(corpus, tiny_ckpt, out) == 0
+    assert [r["id"] for r in _read(out)] == ["a"]
+    (err,) = _read(tmp_path / "s.errors.jsonl")
+    assert err["line"] == 2 and "column 28" in err["error"]
+
+
+@pytest.mark.parametrize("option", [["--max-length", "0"], ["--workers", "-1"], ["--max-batch-tokens", "0"],
+                                    ["--window", "0"], ["--hd-num", "0"]])
+def test_nonsense_numbers_are_rejected(option, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["score", "c.jsonl", "--model", "m", "-o", "o.jsonl", *option])
+    assert exc.value.code == 2 and "must be >=" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("ixc-engine ")
