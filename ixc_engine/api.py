@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +84,14 @@ class RewardEngine:
         return self.engine.runner.model.cfg
 
     # --- scoring --------------------------------------------------------------------------------------------------
-    def _samples(self, conversations, images) -> list[Sample]:
+    def _samples(self, conversations, images, method: str = "score") -> list[Sample]:
+        _check_conversations(conversations, method)
         if images is None:
             images = [None] * len(conversations)
+        elif isinstance(images, (str, bytes, os.PathLike, Mapping)) or hasattr(images, "convert"):
+            raise ValueError(f"{method}: images must be a list with one entry per conversation (a list of image/video "
+                             f"paths or PIL images, or None), got a single {type(images).__name__}; for one "
+                             f"conversation with one image: images=[[path]]")
         if len(images) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
         out = []
@@ -95,7 +100,9 @@ class RewardEngine:
                 media = []
             elif isinstance(media, (str, os.PathLike)) or hasattr(media, "convert"):
                 media = [media]
-            out.append(Sample(list(conv), list(media), id=i))
+            # a str or dict is passed as is, so that the template check names its type (list() would split it up)
+            conv = conv if isinstance(conv, (str, bytes, Mapping)) or not isinstance(conv, Iterable) else list(conv)
+            out.append(Sample(conv, list(media), id=i))
         return out
 
     def _score_samples(self, samples: list[Sample], hd_num: int) -> list[float]:
@@ -112,6 +119,9 @@ class RewardEngine:
         image/video paths or PIL images (or None)."""
         return self._score_samples(self._samples(conversations, images), hd_num)
 
+    def _score(self, conversations, images, hd_num: int, method: str) -> list[float]:
+        return self._score_samples(self._samples(conversations, images, method), hd_num)
+
     def compare(self, conv_a, conv_b, images_a=None, images_b=None, hd_num: int = 9) -> bool:
         """True when conversation a scores higher than conversation b."""
         a, b = self.score([conv_a, conv_b], [images_a, images_b], hd_num=hd_num)
@@ -119,23 +129,57 @@ class RewardEngine:
 
     def rank(self, conversations, images=None, hd_num: int = 9) -> list[int]:
         """Indices of the conversations, best first (ties keep input order)."""
-        scores = self.score(conversations, images, hd_num=hd_num)
+        scores = self._score(conversations, images, hd_num, "rank")
         return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
 
     def best_of_n(self, messages: list[dict], candidates: Sequence[str], images=None, hd_num: int = 9):
-        """Score assistant replies `candidates` to the same `messages`; the shared prompt and image are encoded once
-        (prefix cache). Returns (index of the best candidate, all scores)."""
+        """Score assistant replies `candidates` (a list of str) to the same `messages`; the shared prompt and its
+        images (None, one path or PIL image, or a list of them) are encoded once (prefix cache). Returns (index of the
+        best candidate, all scores)."""
+        what = "the shared conversation, a list of {role, content} dicts"
+        if isinstance(messages, Mapping):
+            msg = f"best_of_n: messages must be {what}; got a single dict (one message: pass [message])"
+            raise ValueError(msg)  # noqa: TRY004
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise ValueError(f"best_of_n: messages must be {what}, got {type(messages).__name__}")  # noqa: TRY004
+        what = "a list or tuple of assistant replies (str)"
+        if isinstance(candidates, (str, bytes)):
+            msg = (f"best_of_n: candidates must be {what}, got a single {type(candidates).__name__} (each of its "
+                   f"characters would be scored as a reply); for one reply pass [reply]")
+            raise ValueError(msg)  # noqa: TRY004
+        if not isinstance(candidates, (list, tuple)):
+            raise ValueError(f"best_of_n: candidates must be {what}, got {type(candidates).__name__}")  # noqa: TRY004
         if not candidates:
             raise ValueError("best_of_n needs at least one candidate")
+        for i, c in enumerate(candidates):
+            if not isinstance(c, str):
+                msg = f"best_of_n: candidates[{i}] has type {type(c).__name__}, not str (one assistant reply's text)"
+                raise ValueError(msg)  # noqa: TRY004
+        media = _shared_media(images)
         convs = [list(messages) + [{"role": "assistant", "content": c}] for c in candidates]
-        scores = self.score(convs, [images] * len(convs), hd_num=hd_num)
+        scores = self._score(convs, [media] * len(convs), hd_num, "best_of_n")
         best = max(range(len(scores)), key=lambda i: (scores[i], -i))
         return best, scores
 
-    def score_stream(self, samples: Iterable[Sample], hd_num: int = 9) -> Iterator[ScoreResult]:
-        """Results in input order, one per sample (errors included, with `error` set): for corpus jobs."""
+    def score_stream(
+        self, samples: Iterable[Sample | tuple[int, Sample | SampleError]], hd_num: int = 9
+    ) -> Iterator[ScoreResult]:
+        """Results in input order, one per sample: for corpus jobs. Items are `Sample(messages, media, id)`s or
+        `(index, Sample | SampleError)` pairs (the index is reported back as `ScoreResult.index`). A sample that cannot
+        be scored (bad messages, media, length) gives a result with `error` set; an item of any other type raises
+        TypeError (at once for a list or tuple, when it is reached for other iterables)."""
+        if isinstance(samples, (Sample, str, bytes, Mapping)) or not isinstance(samples, Iterable):
+            raise TypeError(f"score_stream: samples must be an iterable of {_STREAM_FORMS}, got "
+                            f"{type(samples).__name__}" + ("; for one sample pass [sample]"
+                                                           if isinstance(samples, Sample) else ""))
+        if isinstance(samples, (list, tuple)):
+            for pos, item in enumerate(samples):
+                _check_stream_item(pos, item)
+            checked: Iterable = samples
+        else:
+            checked = (_check_stream_item(pos, item) for pos, item in enumerate(samples))
         self.engine.cfg.hd_num = hd_num
-        return self.engine.score_stream(samples)
+        return self.engine.score_stream(checked)
 
     def close(self) -> None:
         """Stop preprocessing worker processes (EngineConfig.workers > 0); the engine stays usable."""
@@ -144,3 +188,65 @@ class RewardEngine:
     def stats(self) -> dict[str, float | int]:
         """Tokens requested/computed, prefix tokens reused, ViT media/crops encoded, CPU/GPU seconds."""
         return self.engine.stats.as_dict()
+
+
+_STREAM_FORMS = "Sample(messages, media, id)s or (index, Sample) tuples"
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, tuple):
+        return f"a tuple ({', '.join(type(x).__name__ for x in obj)})"
+    return f"a {type(obj).__name__}"
+
+
+def _looks_like_conversation(obj) -> bool:
+    return (isinstance(obj, (list, tuple)) and len(obj) > 0
+            and all(isinstance(m, Mapping) and "role" in m for m in obj))
+
+
+def _check_stream_item(pos: int, item):
+    """A score_stream item as the engine takes it, or TypeError naming the accepted forms and what came."""
+    if isinstance(item, Sample):
+        return item
+    if (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int) and not isinstance(item[0], bool)
+            and isinstance(item[1], (Sample, SampleError))):
+        return item
+    hint = ""
+    if _looks_like_conversation(item) or (isinstance(item, tuple) and any(map(_looks_like_conversation, item))):
+        hint = "; a conversation and its media go in as Sample(messages, media)"
+    elif isinstance(item, Mapping):
+        hint = "; build a Sample(messages, media, id) from it"
+    raise TypeError(f"score_stream: item {pos} is {_describe(item)}; each item must be a Sample(messages, media, "
+                    f"id) or an (index, Sample) tuple with an int index{hint}")
+
+
+def _check_conversations(conversations, method: str) -> None:
+    """`conversations` is a list of conversations; a single conversation (a list of message dicts) is a common slip."""
+    if isinstance(conversations, (str, bytes, Mapping)) or not isinstance(conversations, Sequence):
+        msg = (f"{method}: conversations must be a list of conversations (each a list of {{role, content}} dicts), "
+               f"got {type(conversations).__name__}")
+        raise ValueError(msg)  # noqa: TRY004
+    for i, conv in enumerate(conversations):
+        if isinstance(conv, Mapping) and "role" in conv:
+            raise ValueError(f"{method}: conversations[{i}] is a single message ({{'role': {conv['role']!r}, ...}}), "
+                             f"not a conversation: {method} takes a list of conversations; to {method} one "
+                             f"conversation, wrap it: engine.{method}([messages])")
+
+
+def _shared_media(images) -> list:
+    """best_of_n's images: None, one path or PIL image, or a list/tuple of them (the shared prompt's media)."""
+    if images is None:
+        return []
+    if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
+        return [images]
+    if isinstance(images, (bytes, Mapping)) or not isinstance(images, (list, tuple)):
+        msg = (f"best_of_n: images must be None, a path or PIL image, or a list of them (the shared prompt's images, "
+               f"used for every candidate), got {type(images).__name__}")
+        raise ValueError(msg)  # noqa: TRY004
+    for i, m in enumerate(images):
+        if not (isinstance(m, (str, os.PathLike)) or hasattr(m, "convert")):
+            extra = " (images are shared by all candidates, not given per candidate)" if isinstance(
+                m, (list, tuple)) else ""
+            raise ValueError(f"best_of_n: images[{i}] has type {type(m).__name__}, not an image/video path or "
+                             f"PIL image{extra}")
+    return list(images)
