@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -48,6 +49,26 @@ def random_state_dict(model: IXCRewardModel, seed: int) -> dict[str, torch.Tenso
     return state
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux), else by setting it back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_file_mode(path: Path) -> None:
+    """Give `path` the mode a plainly created file gets (0666 & ~umask), so other users can read checkpoints as the
+    umask intends."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_checkpoint(
     out_dir: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32,
     shards: int = 2, tokenizer: str | Path | None = None, fmt: str = "safetensors",
@@ -70,6 +91,7 @@ def write_checkpoint(
             from safetensors.torch import save_file
 
             save_file(part, str(out / fname), metadata={"format": "pt"})
+            _normal_file_mode(out / fname)  # safetensors (0.8) creates its files with mode 0600 whatever the umask
         else:
             torch.save(part, out / fname)
         weight_map.update({n: fname for n in part})

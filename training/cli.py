@@ -27,67 +27,122 @@ The output directory (and every checkpoint-<step> in it) loads like any checkpoi
 """
 
 
+def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False, allow_inf=False):
+    """An argparse type: `kind` (int or float) within [lo, hi] (open ends where asked), finite unless allow_inf."""
+    if lo is not None and hi is not None:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        want = f"a number in {rng}"
+    elif lo is not None:
+        want = f"{'an integer' if kind is int else 'a number'} {'>' if lo_open else '>='} {lo}"
+    else:
+        want = "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        bad = (not allow_inf and not math.isfinite(value)) or math.isnan(value)
+        if lo is not None:
+            bad = bad or value < lo or (lo_open and value == lo)
+        if hi is not None:
+            bad = bad or value > hi or (hi_open and value == hi)
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+POS_INT, NONNEG_INT, NONNEG = _number(int, lo=1), _number(int, lo=0), _number(float, lo=0)
+
+
+SUMMARY_NOTE = """\
+progress and summary: the progress bar's avg_loss / avg_acc and the final summary's avg_loss / avg_acc are the
+same exponential moving average (over about the last 10 optimizer steps); the summary's last_step_loss is the mean
+loss of the last optimizer step alone, and train_accuracy the pairwise accuracy over the last epoch's batches.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ixc-engine train-rm",
-        description="Train a reward model on preference pairs with the Bradley-Terry loss -log sigmoid(r_chosen - "
-        "r_rejected). Full fine-tuning of the LLM and score head (default) or LoRA; the ViT and projector stay "
-        "frozen. Defaults follow the IXC-2.5-Reward recipe (lr 1e-5 cosine, 1%% warmup, weight decay 0.1, "
-        "betas 0.9/0.95, bf16 autocast on GPU, 1 epoch, hd_num 9, max_length 8192).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a reward model on preference pairs with the Bradley-Terry loss\n"
+        "-log sigmoid(r_chosen - r_rejected). Full fine-tuning of the LLM and score head (default) or LoRA;\n"
+        "the ViT and projector stay frozen. Defaults follow the IXC-2.5-Reward recipe (lr 1e-5 cosine,\n"
+        "1% warmup, weight decay 0.1, betas 0.9/0.95, bf16 autocast on GPU, 1 epoch, hd_num 9, max_length 8192).",
+        epilog=EXAMPLES + "\n" + SUMMARY_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("pairs", type=Path, help="training pairs (JSONL)")
     p.add_argument("--model", required=True, help="initial checkpoint directory (engine layout)")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="output directory: final model, checkpoint-<step>/ subdirectories, train_log.jsonl")
     g = p.add_argument_group("data")
-    g.add_argument("--eval", type=Path, default=None, help="held-out pairs (JSONL) for pairwise accuracy")
-    g.add_argument("--eval-fraction", type=float, default=0.0,
-                   help="without --eval: hold out this fraction of the training pairs (seeded shuffle)")
-    g.add_argument("--length-ratio", type=float, default=math.inf, metavar="R",
+    g.add_argument("--eval", type=Path, default=None,
+                   help="held-out pairs (JSONL) for pairwise accuracy (default: none, see --eval-fraction)")
+    g.add_argument("--eval-fraction", type=_number(float, 0, 1, hi_open=True), default=0.0,
+                   help="without --eval: hold out this fraction of the training pairs (seeded shuffle; default 0: "
+                   "no evaluation)")
+    g.add_argument("--length-ratio", type=_number(float, lo=0, lo_open=True, allow_inf=True),
+                   default=math.inf, metavar="R",
                    help="drop training pairs whose chosen reply is more than R times as long (in tokens) as the "
-                   "rejected one (paper's length constraint; default: keep all, report only)")
+                   "rejected one (paper's length constraint; default: inf, keep all, report only)")
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="train on the valid lines of a pair file that has bad ones (default: list errors, stop)")
-    g.add_argument("--hd-num", type=int, default=9, help="HD crop budget per image (default 9)")
-    g.add_argument("--max-length", type=int, default=8192, help="longest sequence in tokens; longer pairs are "
-                   "skipped and reported (default 8192)")
+    g.add_argument("--hd-num", type=POS_INT, default=9, help="HD crop budget per image (default 9)")
+    g.add_argument("--max-length", type=POS_INT, default=8192,
+                   help="longest sequence in tokens; longer pairs are skipped and reported (default 8192)")
     t = p.add_argument_group("optimisation")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--lr", type=float, default=1e-5)
-    t.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--warmup-ratio", type=float, default=0.01)
-    t.add_argument("--batch-pairs", type=int, default=8, help="pairs per packed forward (default 8)")
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
-    t.add_argument("--lora-rank", type=int, default=0,
+    t.add_argument("--epochs", type=POS_INT, default=1, help="passes over the training pairs (default 1)")
+    t.add_argument("--lr", type=_number(float, lo=0, lo_open=True), default=1e-5,
+                   help="peak learning rate of the cosine schedule (default 1e-5)")
+    t.add_argument("--min-lr-ratio", type=_number(float, 0, 1), default=0.0,
+                   help="cosine floor as a fraction of --lr (default 0)")
+    t.add_argument("--weight-decay", type=NONNEG, default=0.1,
+                   help="AdamW weight decay (default 0.1)")
+    t.add_argument("--warmup-ratio", type=_number(float, 0, 1, hi_open=True), default=0.01,
+                   help="linear warmup as a fraction of the optimizer steps (default 0.01)")
+    t.add_argument("--batch-pairs", type=POS_INT, default=8,
+                   help="pairs per packed forward (default 8)")
+    t.add_argument("--grad-accum", type=POS_INT, default=1,
+                   help="micro-batches per optimizer step (default 1)")
+    t.add_argument("--max-grad-norm", type=NONNEG, default=1.0,
+                   help="gradient clipping (0 disables; default 1.0)")
+    t.add_argument("--lora-rank", type=NONNEG_INT, default=0,
                    help="0: full fine-tuning of the LLM + score head; >0: LoRA of this rank on wqkv/wo/w1/w2/w3, "
-                   "merged into the weights in every saved checkpoint")
-    t.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale = alpha / rank (default alpha = rank)")
-    t.add_argument("--margin", type=float, default=0.0, help="BT margin: the chosen reward should win by this")
-    t.add_argument("--center-coef", type=float, default=0.0,
+                   "merged into the weights in every saved checkpoint (default 0)")
+    t.add_argument("--lora-alpha", type=_number(float, lo=0, lo_open=True), default=None,
+                   help="LoRA scale = alpha / rank (default: alpha = rank)")
+    t.add_argument("--margin", type=NONNEG, default=0.0,
+                   help="BT margin: the chosen reward should win by this (default 0)")
+    t.add_argument("--center-coef", type=NONNEG, default=0.0,
                    help="reward-centering coefficient: adds coef * mean((r_c + r_r)^2) (default 0)")
     t.add_argument("--pooling", choices=["last", "mean"], default=None,
-                   help="override the model's pooling (saved into the output config.json)")
+                   help="override the model's pooling (saved into the output config.json; default: the model's)")
     t.add_argument("--train-vision", action="store_true",
                    help="also train the ViT, projector and separators (deviation from upstream; for models trained "
-                   "from scratch)")
+                   "from scratch; default: off)")
     t.add_argument("--train-projector", action="store_true",
                    help="train the projector and separators with the ViT frozen (its features cached per picture); "
-                   "a cheap deviation from upstream for models trained from scratch")
-    t.add_argument("--seed", type=int, default=0)
+                   "a cheap deviation from upstream for models trained from scratch (default: off)")
+    t.add_argument("--seed", type=NONNEG_INT, default=0,
+                   help="seed of the pair order, held-out split and LoRA init (default 0)")
     r = p.add_argument_group("run")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--no-bf16", action="store_true", help="train in fp32 on GPU too (default: bf16 autocast)")
-    r.add_argument("--eval-every", type=int, default=0, help="evaluate every N optimizer steps (0: per epoch)")
-    r.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (0: at the end)")
+    r.add_argument("--eval-every", type=NONNEG_INT, default=0,
+                   help="evaluate every N optimizer steps (default 0: per epoch)")
+    r.add_argument("--save-every", type=NONNEG_INT, default=0,
+                   help="checkpoint every N optimizer steps (default 0: at the end)")
     r.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the saved weights (float32 keeps --resume exact; default float32)")
-    r.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    r.add_argument("--max-steps", type=POS_INT, default=None,
+                   help="stop after this many optimizer steps in total (default: the whole schedule)")
     r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="DIR",
-                   help="continue from a checkpoint directory (default: the latest one in --output)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="continue from a checkpoint directory; --resume alone: the latest one in --output "
+                   "(default: start afresh)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar (default: show one)")
     return p
 
 
@@ -139,8 +194,6 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--model {model_dir}: not a checkpoint directory (no config.json)")
     if not (model_dir / "tokenizer.model").is_file():
         raise FileNotFoundError(f"--model {model_dir}: tokenizer.model not found")
-    if not 0.0 <= args.eval_fraction < 1.0:
-        raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
     train = _load(args.pairs, "pairs", args.skip_bad_lines)
     eval_pairs = _load(args.eval, "--eval", args.skip_bad_lines) if args.eval is not None else []
     if args.eval is None and args.eval_fraction:
@@ -180,8 +233,9 @@ def run(args: argparse.Namespace) -> int:
     for pid in result.skipped[:20]:
         print(f"skipped pair {pid}: {trainer.skipped[pid]}", file=sys.stderr)
     summary = {
-        "steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
-        "train_accuracy": result.train_accuracy, "skipped_pairs": len(result.skipped),
+        "steps": result.steps, "seconds": round(result.seconds, 2), "avg_loss": result.avg_loss,
+        "avg_acc": result.avg_acc, "last_step_loss": result.final_loss, "train_accuracy": result.train_accuracy,
+        "skipped_pairs": len(result.skipped),
         "length_filter_removed": report.removed, "output": str(args.output),
     }
     if result.eval is not None:

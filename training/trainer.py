@@ -189,6 +189,9 @@ class TrainResult:
     eval: EvalResult | None
     output_dir: Path | None
     skipped: list[str] = field(default_factory=list)
+    # what the progress bar shows as avg_loss / avg_acc: exponential moving averages (weight 0.1 per optimizer step)
+    avg_loss: float | None = None
+    avg_acc: float | None = None
 
 
 # --- schedule -------------------------------------------------------------------------------------------------------
@@ -565,8 +568,9 @@ class RewardTrainer:
                 self.save(self.output_dir / f"checkpoint-{self.step}")
             self._log(record, log)
             if bar is not None:
-                post = {"loss": f"{ema_loss:.4f}" if ema_loss is not None else "-",
-                        "acc": f"{ema_acc:.3f}" if ema_acc is not None else "-"}
+                # smoothed (moving averages), named so they are not taken for the last step's values
+                post = {"avg_loss": f"{ema_loss:.4f}" if ema_loss is not None else "-",
+                        "avg_acc": f"{ema_acc:.3f}" if ema_acc is not None else "-"}
                 if self.last_eval is not None:
                     post["eval_acc"] = f"{self.last_eval.accuracy:.3f}"
                 bar.set_postfix(post, refresh=False)
@@ -578,7 +582,7 @@ class RewardTrainer:
         return TrainResult(
             steps=self.step, seconds=time.perf_counter() - t0, final_loss=last_loss,
             train_accuracy=epoch_correct / epoch_pairs if epoch_pairs else None, eval=self.last_eval,
-            output_dir=self.output_dir, skipped=sorted(self.skipped),
+            output_dir=self.output_dir, skipped=sorted(self.skipped), avg_loss=ema_loss, avg_acc=ema_acc,
         )
 
     def _log(self, record: dict, log: Callable[[dict], None] | None) -> None:
