@@ -106,8 +106,7 @@ class RewardEngine:
         return out
 
     def _score_samples(self, samples: list[Sample], hd_num: int) -> list[float]:
-        self.engine.cfg.hd_num = hd_num
-        results = list(self.engine.score_stream(samples))
+        results = list(self.engine.score_stream(samples, hd_num=hd_num))
         errors = [r for r in results if r.error is not None]
         if errors:
             detail = "; ".join(f"conversation {r.index}: {r.error}" for r in errors[:5])
@@ -178,8 +177,7 @@ class RewardEngine:
             checked: Iterable = samples
         else:
             checked = (_check_stream_item(pos, item) for pos, item in enumerate(samples))
-        self.engine.cfg.hd_num = hd_num
-        return self.engine.score_stream(checked)
+        return self.engine.score_stream(checked, hd_num=hd_num)
 
     def close(self) -> None:
         """Stop preprocessing worker processes (EngineConfig.workers > 0); the engine stays usable."""

@@ -7,7 +7,7 @@ from PIL import Image
 
 from ixc_engine.api import RewardEngine
 from ixc_engine.engine.engine import EngineConfig
-from ixc_engine.engine.sequence import SampleError
+from ixc_engine.engine.sequence import Sample, SampleError
 
 PROMPT = [{"role": "user", "content": "What is in the picture? Answer in detail, please. " * 3}]
 CANDIDATES = ["A cat.", "A dog on a red sofa, sleeping.", "Nothing at all", "Two cars parked by a wall " * 4,
@@ -150,3 +150,81 @@ def test_nested_sharing_runs_each_shared_prefix_once(tiny_ckpt, photo):
     # everything once: about the longest sample, plus the short sample's own tail and the other answers (+ rounding
     # to blocks); sharing only the prefix common to all five would recompute the long question three more times
     assert shared.stats()["tokens_computed"] <= n[1] + 4 * 64
+
+
+def _distinct_block_tokens(engine, convs, bs=16):
+    """Tokens an ideal prefix cache computes: every distinct full block once, plus each sample's own partial tail."""
+    preps = engine.engine.prepare([Sample(c, [], id=i) for i, c in enumerate(convs)])
+    blocks, tails = set(), 0
+    for p in preps:
+        keys = p.content_keys()
+        usable = (p.n_tokens - 1) // bs
+        blocks |= {tuple(keys[: (j + 1) * bs]) for j in range(usable)}
+        tails += p.n_tokens - usable * bs
+    return len(blocks) * bs + tails
+
+
+def test_a_conversation_scored_at_every_turn_computes_its_history_once(tiny_ckpt):
+    """Each sample extends the previous one (shortest first, one window): the longest is the leader, so two waves
+    cover the chain however deep it is (a fixed number of waves led by the shortest recomputed most of it)."""
+    turns = [{"role": "user" if t % 2 == 0 else "assistant", "content": f"turn {t}: " + "words and more words " * 3}
+             for t in range(15)]
+    convs = [turns[: t + 1] for t in range(15)]
+    eng = RewardEngine.from_pretrained(tiny_ckpt, device="cpu")
+    scores = eng.score(convs)
+    st = eng.stats()
+    assert st["tokens_computed"] == _distinct_block_tokens(eng, convs)
+    assert st["tokens_computed"] + st["prefix_tokens_reused"] == st["tokens_requested"]
+    plain = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=EngineConfig(prefix_cache=False))
+    assert scores == pytest.approx(plain.score(convs), rel=1e-5, abs=1e-6)
+
+
+def test_eviction_drops_a_sequence_tail_before_its_shareable_head(tiny_ckpt):
+    """Blocks are released tail first, so LRU eviction under pressure keeps the first blocks, which later samples
+    with the same history can still match (a chain whose first block is gone never matches again)."""
+    a = [{"role": "user", "content": "alpha beta gamma delta " * 42}]  # 177 tokens: 11 full blocks of 16
+    b = [{"role": "user", "content": "something else entirely " * 30}]  # 7 blocks: one of a's is evicted
+    cfg = EngineConfig(max_length=256, kv_cache_tokens=1)  # the smallest cache: one max-length sequence + 1 block
+    eng = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=cfg)
+    eng.score([a])
+    eng.score([b])  # needs blocks: evicts some of a's
+    before = eng.stats()["prefix_tokens_reused"]
+    a2 = a + [{"role": "assistant", "content": "ok"}]
+    got = eng.score([a2])
+    assert eng.stats()["prefix_tokens_reused"] - before >= 128
+    plain = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=EngineConfig(prefix_cache=False))
+    assert got == pytest.approx(plain.score([a2]), rel=1e-5, abs=1e-6)
+
+
+def test_media_encoded_counts_only_media_run_through_the_vit(tiny_ckpt, photo, tmp_path):
+    other = tmp_path / "other.png"
+    Image.new("RGB", (200, 120), (250, 10, 10)).save(other)
+    # no prefix cache: the second call's first sample then needs the photo's embeddings again (from the runner's cache)
+    eng = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=EngineConfig(prefix_cache=False))
+    eng.score([PROMPT], [[photo]])
+    st0 = eng.stats()
+    eng.score([PROMPT, PROMPT], [[photo], [str(other)]])  # photo comes from the runner's embedding cache
+    st1 = eng.stats()
+    assert st1["media_encoded"] - st0["media_encoded"] == 1
+    assert st1["media_requested"] - st0["media_requested"] == 2
+
+
+def test_a_stream_keeps_its_hd_num_while_other_calls_use_another(tiny_ckpt, photo):
+    samples = [Sample(PROMPT, [photo], id=i) for i in range(3)]
+    eng = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=EngineConfig(window=1))
+    alone = [r.n_tokens for r in eng.score_stream(samples, hd_num=1)]
+    got = []
+    for r in eng.score_stream(samples, hd_num=1):
+        got.append(r.n_tokens)
+        eng.score([PROMPT], [[photo]], hd_num=4)  # e.g. an RL loop scoring something else meanwhile
+    assert got == alone
+
+
+def test_the_token_budget_counts_tokens_to_compute_not_cached_ones(tiny_ckpt, photo):
+    """Best-of-N: after the leader, the candidates' cached image prompt does not count against max_batch_tokens."""
+    n_prompt = RewardEngine.from_pretrained(tiny_ckpt, device="cpu").score_stream(
+        [Sample(PROMPT, [photo])]).__next__().n_tokens
+    cfg = EngineConfig(max_batch_tokens=n_prompt + 64)  # one whole sample, or all candidates' new tokens
+    eng = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=cfg)
+    eng.best_of_n(PROMPT, [f"candidate {i}" for i in range(8)], images=[photo])
+    assert eng.stats()["batches"] == 2

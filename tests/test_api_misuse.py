@@ -62,7 +62,8 @@ def test_best_of_n_accepted_forms_agree(eng, photo):
     best_t, as_tuple = eng.best_of_n(PROMPT, ("A cat.", "A blue square."), images=photo)
     best_p, as_pil = eng.best_of_n(PROMPT, ["A cat.", "A blue square."], images=(Image.open(photo),))
     assert len(as_list) == 2 and best_l == best_t == best_p
-    assert as_tuple == pytest.approx(as_list, rel=1e-6) and as_pil == pytest.approx(as_list, rel=1e-6)
+    # later calls reuse the cached prompt: equal to fp32 rounding of a different batch split (1e-5, as elsewhere)
+    assert as_tuple == pytest.approx(as_list, rel=1e-5) and as_pil == pytest.approx(as_list, rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["score", "rank"])

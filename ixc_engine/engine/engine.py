@@ -120,15 +120,18 @@ class ScoringEngine:
         self._block_sum = np.zeros(num_blocks, dtype=np.float64)
 
     # --- preparation ----------------------------------------------------------------------------------------------
-    def prepare(self, samples: list[Sample]) -> list[PreparedSample | SampleError]:
-        """Inline preparation (tokenize, decode, crop); identical media in the list are loaded once."""
+    def prepare(self, samples: list[Sample], hd_num: int | None = None) -> list[PreparedSample | SampleError]:
+        """Inline preparation (tokenize, decode, crop); identical media in the list are loaded once.
+
+        hd_num: the HD crop budget (default: cfg.hd_num)."""
+        hd_num = self.cfg.hd_num if hd_num is None else hd_num
         t0 = time.perf_counter()
         media_cache: dict = {}
         out: list[PreparedSample | SampleError] = []
         for s in samples:
             try:
                 out.append(prepare_sample(
-                    self.tokenizer, s, hd_num=self.cfg.hd_num, max_length=self.max_length, media_cache=media_cache
+                    self.tokenizer, s, hd_num=hd_num, max_length=self.max_length, media_cache=media_cache
                 ))
             except SampleError as exc:
                 out.append(exc)
@@ -143,40 +146,48 @@ class ScoringEngine:
             self.stats.tokens_requested += p.n_tokens
             self.stats.media_requested += len(p.media)
         if not self.cfg.prefix_cache:
-            self._run_wave(list(range(len(preps))), preps, None, results)
+            self._run_wave(list(range(len(preps))), preps, None, results, [p.n_tokens for p in preps])
             return results
         bs = self.cfg.block_size
         hashes = [self._host.block_hashes(p.content_keys(), bs) for p in preps]
-        # Waves: of the samples whose first not-yet-cached block is the same, one ("leader") runs now and puts the
-        # shared blocks in the cache; the others wait for a later wave and reuse them. MAX_WAVES bounds the number of
-        # extra batch boundaries for deep sharing trees; the last wave takes everyone left.
+        # Waves: of the samples whose first not-yet-cached block is the same, the longest ("leader") runs now and puts
+        # its blocks in the cache; the others wait for a later wave and reuse every block they share with it. With
+        # the longest as leader a chain of nested samples (one conversation scored at every turn) or a best-of-N
+        # group needs two waves. MAX_WAVES bounds the batch boundaries of deep branching trees; the last wave takes
+        # everyone left.
         remaining = list(range(len(preps)))
         for wave_no in range(self.MAX_WAVES):
             if not remaining:
                 break
-            wave, later, leaders = [], [], set()
+            groups: dict[int, list[int]] = {}
+            wave, to_compute = [], {}
             for i in remaining:
                 h = hashes[i]
-                usable = (preps[i].n_tokens - 1) // bs
+                usable = (preps[i].n_tokens - 1) // bs if self._shareable(preps[i]) else 0
                 cached = list(self._blocks.match_prefix(h[:usable]))  # a look-up: the references go right back
                 self._blocks.release(cached[::-1])
                 k = len(cached)
-                key = int(h[k]) if k < usable else None
-                if key is None or key not in leaders or wave_no == self.MAX_WAVES - 1:
-                    if key is not None:
-                        leaders.add(key)
-                    wave.append(i)
+                to_compute[i] = preps[i].n_tokens - k * bs
+                if k < usable and wave_no < self.MAX_WAVES - 1:
+                    groups.setdefault(int(h[k]), []).append(i)
                 else:
-                    later.append(i)
-            self._run_wave(wave, preps, hashes, results)
+                    wave.append(i)
+            later = []
+            for members in groups.values():
+                leader = max(members, key=lambda i: preps[i].n_tokens)  # first of the longest
+                wave.append(leader)
+                later += [i for i in members if i != leader]
+            wave.sort()
+            later.sort()
+            self._run_wave(wave, preps, hashes, results, [to_compute[i] for i in wave])
             remaining = later
         return results
 
-    def _run_wave(self, wave: list[int], preps, hashes, results) -> None:
-        """Token-budget batches of one wave, in order."""
+    def _run_wave(self, wave: list[int], preps, hashes, results, to_compute: list[int]) -> None:
+        """Token-budget batches of one wave, in order; the budget counts the tokens each sample will compute (its
+        length less the cached prefix found when the wave was formed)."""
         order = self._host.plan_batches(
-            np.array([preps[i].n_tokens for i in wave], dtype=np.int64), self.cfg.max_batch_tokens,
-            self.cfg.max_batch_seqs,
+            np.array(to_compute, dtype=np.int64), self.cfg.max_batch_tokens, self.cfg.max_batch_seqs,
         )
         for batch in order:
             self._run_batch([wave[j] for j in batch], preps, hashes, results)
@@ -240,8 +251,10 @@ class ScoringEngine:
                     if want_sums and fresh:
                         self._block_sum[fresh] = out.block_sums[k]
         finally:
+            # Tail first: the LRU then evicts a sequence's last blocks before its (more shareable) first ones; a
+            # chain whose first block is gone can never match again.
             for blocks in held:
-                self._blocks.release(blocks)
+                self._blocks.release(blocks[::-1])
         for i, pl, s in zip(idx, plans, out.scores):
             results[i] = s
             self.stats.tokens_computed += pl.new_tokens
@@ -258,19 +271,28 @@ class ScoringEngine:
         return mcfg.rope_scaling_factor == 1.0 or p.n_tokens <= mcfg.max_position_embeddings
 
     # --- streaming ------------------------------------------------------------------------------------------------
-    def score_stream(self, samples: Iterable[Sample | tuple[int, Sample | SampleError]]) -> Iterator[ScoreResult]:
+    def score_stream(
+        self, samples: Iterable[Sample | tuple[int, Sample | SampleError]], hd_num: int | None = None
+    ) -> Iterator[ScoreResult]:
         """Score an iterable of samples window by window; results come in input order, errors as results too.
 
         Items may be `Sample`s or `(index, Sample | SampleError)` pairs (the CLI passes parse errors through so that
         every input line gets exactly one result). With `workers > 0` the next window is prepared in worker processes
-        while the current one is on the device.
+        while the current one is on the device. hd_num (default cfg.hd_num) is fixed when this is called, so other
+        calls on the engine while the stream is consumed do not change it.
         """
+        hd_num = self.cfg.hd_num if hd_num is None else hd_num
+        if not isinstance(hd_num, int) or isinstance(hd_num, bool) or hd_num < 1:
+            raise ValueError(f"hd_num must be an integer >= 1, got {hd_num!r}")
+        return self._stream(samples, hd_num)
+
+    def _stream(self, samples, hd_num: int) -> Iterator[ScoreResult]:
         if self.cfg.workers > 0 and self._pool is None:  # kept for later calls (RL loops call score repeatedly)
             # spawn, not fork: forking a process whose torch thread pools are running can deadlock the child
             self._pool = ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"))
         pending = None
         for window in self._windows(samples):
-            submitted = self._submit(window, self._pool)
+            submitted = self._submit(window, self._pool, hd_num)
             if pending is not None:
                 yield from self._finish(*pending)
             pending = (window, submitted)
@@ -293,12 +315,12 @@ class ScoringEngine:
         if window:
             yield window
 
-    def _submit(self, window, pool):
+    def _submit(self, window, pool, hd_num: int):
         """Start preparing a window: futures in worker processes, or the finished list when inline."""
         real = [s for _, s in window if isinstance(s, Sample)]
         if pool is None:
-            return self.prepare(real)
-        args = [(self.tokenizer_path, s, self.cfg.hd_num, self.max_length) for s in real]
+            return self.prepare(real, hd_num)
+        args = [(self.tokenizer_path, s, hd_num, self.max_length) for s in real]
         return [pool.submit(_prepare_worker, a) for a in args]
 
     def _finish(self, window, submitted) -> Iterator[ScoreResult]:

@@ -74,8 +74,10 @@ class ModelRunner:
 
     # --- vision ---------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _encode_media(self, todo: dict[str, object]) -> tuple[dict[str, torch.Tensor], int]:
-        """Projected embeddings for each digest in `todo` (digest -> MediaCrops), crops of all media batched."""
+    def _encode_media(self, todo: dict[str, object]) -> tuple[dict[str, torch.Tensor], int, int]:
+        """Projected embeddings for each digest in `todo` (digest -> MediaCrops), crops of all media batched.
+
+        Returns (embeddings, media run through the ViT, crops run through it); cached media count in neither."""
         out: dict[str, torch.Tensor] = {}
         missing = [(d, mc) for d, mc in todo.items() if d not in self._media_cache]
         for d in todo:
@@ -96,7 +98,7 @@ class ModelRunner:
                 out[d] = self.model.image_tokens(merged[offset:offset + k], mc.h, mc.w)
                 offset += k
                 self._remember(d, out[d])
-        return out, n_crops
+        return out, len(missing), n_crops
 
     def _remember(self, digest: str, emb: torch.Tensor) -> None:
         if self.media_cache_size <= 0:
@@ -117,7 +119,7 @@ class ModelRunner:
                 if not isinstance(piece, list) and end > p.start:
                     todo[p.sample.media_digests[piece]] = p.sample.media[piece]
         with torch.no_grad():  # the vision path is frozen, also in training
-            media_emb, n_crops = self._encode_media(todo)
+            media_emb, n_media, n_crops = self._encode_media(todo)
 
         # one embedding lookup for all text of the batch (one dense gradient when training), then interleave
         text_ids: list[int] = []
@@ -157,7 +159,7 @@ class ModelRunner:
             image_index=torch.cat(image_pos).to(self.device) if image_pos else None,
             backend=self.backend,
         )
-        return embeds, ctx, len(todo), n_crops
+        return embeds, ctx, n_media, n_crops
 
     def forward_hidden(self, plans: list[SeqPlan]) -> tuple[torch.Tensor, ForwardContext]:
         """Final hidden states (before the norm) with autograd enabled: for training (no KV cache)."""
@@ -199,7 +201,7 @@ class ModelRunner:
         result = scores.float().cpu().tolist()
         self.stats.gpu_seconds += time.perf_counter() - t0
         self.stats.forward_calls += 1
-        return BatchResult(result, block_sums, n_media if n_crops else 0, n_crops)
+        return BatchResult(result, block_sums, n_media, n_crops)
 
     def _block_sums(self, tok: np.ndarray, plans: list[SeqPlan], new_lens: list[int]) -> list[np.ndarray]:
         """Per sequence, the token-score sum of every full block that ends inside the newly computed part."""
