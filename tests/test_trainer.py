@@ -334,3 +334,39 @@ def test_demo_model_ranks_correct_descriptions_higher(tmp_path):
     scores = engine.score(convs, images, hd_num=1)
     wins = sum(scores[2 * i] > scores[2 * i + 1] for i in range(N_DEMO))
     assert wins >= DEMO_MIN_WINS, scores
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("train_projector", [False, True])
+def test_shared_prefix_gives_the_unshared_loss_and_gradients(tmp_path, pooling, train_projector):
+    """With share_prefix the rejected reply runs only its own tokens, attending to the chosen reply's K/V over the
+    common image + prompt prefix: loss, rewards and every gradient equal the two-full-sequence computation."""
+    from PIL import Image
+
+    img = tmp_path / "p.png"
+    pic = Image.new("RGB", (120, 90), (200, 40, 40))
+    for x in range(0, 120, 3):
+        pic.putpixel((x, (x * 5) % 90), (10, 220, 30))
+    pic.save(img)
+    pairs = [PreferencePair(id=f"i{k}", messages=[{"role": "user", "content": f"What is shown? (take {k})"}],
+                            chosen="A red picture with green dots." * (k + 1), rejected="A blue square.",
+                            images=[str(img)]) for k in range(2)]
+    pairs += text_pairs(2, seed=3)
+    runs = {}
+    for share in (False, True):
+        model = small_model(seed=5, layers=2, pooling=pooling)
+        tr = RewardTrainer(model, PACKAGED_TOKENIZER, pairs, cfg=fast_cfg(share_prefix=share,
+                                                                           train_projector=train_projector))
+        batch = tr._prepare_pairs(pairs)
+        out = tr._pair_loss(batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs[share] = (out, grads, tr.llm_tokens, sum(c.n_tokens + r.n_tokens for c, r in batch))
+    (o0, g0, t0, n), (o1, g1, t1, _) = runs[False], runs[True]
+    assert t0 == n and t1 < 0.6 * n  # the two image prompts (~860 tokens each) run once
+    torch.testing.assert_close(o1.loss, o0.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(o1.chosen, o0.chosen, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(o1.rejected, o0.rejected, rtol=1e-5, atol=1e-6)
+    assert g0.keys() == g1.keys() and (not train_projector or any("vision_proj" in k for k in g1))
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-projector", action="store_true",
                    help="train the projector and separators with the ViT frozen (its features cached per picture); "
                    "a cheap deviation from upstream for models trained from scratch (default: off)")
+    t.add_argument("--no-share-prefix", action="store_true",
+                   help="run each pair's common image + prompt prefix through the LLM twice (once per reply) instead "
+                   "of once; same loss and gradients, more work (default: shared)")
     t.add_argument("--seed", type=NONNEG_INT, default=0,
                    help="seed of the pair order, held-out split and LoRA init (default 0)")
     r = p.add_argument_group("run")
@@ -218,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, margin=args.margin, center_coef=args.center_coef,
         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, bf16=not args.no_bf16,
         train_vision=args.train_vision, train_projector=args.train_projector, save_dtype=args.save_dtype,
+        share_prefix=not args.no_share_prefix,
     )
     resume = None
     if args.resume is not None:

@@ -3,6 +3,7 @@ kernel) and the PPO clipped value loss."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,11 +70,15 @@ def pairwise_scores_from_hidden(
     mode: str = "last",
     eps: float = 1e-5,
     backend: str = "auto",
+    rejected_prefix: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rewards of P pairs from the packed final hidden states of 2P sequences.
 
     Layout convention: sequences 0..P-1 of ``cu_seqlens`` are the chosen replies and P..2P-1 the rejected ones,
     pair p = (sequence p, sequence P + p). hidden [T, H], cu_seqlens int32 [2P + 1]; mode "last" or "mean".
+    rejected_prefix: with in-batch prefix sharing, rejected sequence p holds only the tokens after the first
+    ``rejected_prefix[p]`` positions, which it shares with chosen sequence p (0: a full sequence). "last" needs no
+    change; "mean" adds the chosen sequence's scores over those positions to the rejected mean.
     Returns fp32 ``(r_chosen [P], r_rejected [P])``, differentiable through the fused kernel.
     """
     if mode not in ("last", "mean"):
@@ -84,8 +89,22 @@ def pairwise_scores_from_hidden(
     if n_seq < 2 or n_seq % 2:
         raise ValueError(f"pairwise_scores_from_hidden: need an even, non-zero number of sequences (chosen half then "
                          f"rejected half), got {n_seq}")
-    scores = pool_score(hidden, norm_weight, head_weight, cu_seqlens, mode=mode, eps=eps, backend=backend)
     p = n_seq // 2
+    if mode == "mean" and rejected_prefix is not None and any(rejected_prefix):
+        if len(rejected_prefix) != p:
+            raise ValueError(f"pairwise_scores_from_hidden: rejected_prefix needs {p} entries, got "
+                             f"{len(rejected_prefix)}")
+        s = pool_score(hidden, norm_weight, head_weight, cu_seqlens, mode="token", eps=eps, backend=backend)
+        cu = cu_seqlens.long()
+        lens = cu[1:] - cu[:-1]
+        sums = s.new_zeros(n_seq).index_add(0, torch.repeat_interleave(torch.arange(n_seq, device=s.device), lens), s)
+        csum = torch.cat([s.new_zeros(1), torch.cumsum(s, 0)])
+        pre = torch.as_tensor(list(rejected_prefix), dtype=torch.long, device=s.device)
+        if bool((pre < 0).any() | (pre >= lens[:p]).any()):
+            raise ValueError("pairwise_scores_from_hidden: rejected_prefix must be in [0, chosen length)")
+        shared = csum[cu[:p] + pre] - csum[cu[:p]]  # sum of the chosen scores over the shared positions
+        return sums[:p] / lens[:p], (sums[p:] + shared) / (lens[p:] + pre)
+    scores = pool_score(hidden, norm_weight, head_weight, cu_seqlens, mode=mode, eps=eps, backend=backend)
     return scores[:p], scores[p:]
 
 
@@ -100,11 +119,12 @@ def bt_loss_from_hidden(
     backend: str = "auto",
     margin: float | Tensor = 0.0,
     center_coef: float = 0.0,
+    rejected_prefix: Sequence[int] | None = None,
 ) -> PairwiseOutput:
     """`pairwise_scores_from_hidden` + `bradley_terry_loss`: the backward runs through the fused pool_score
     kernel into hidden, norm_weight and head_weight. Same layout convention (chosen half first)."""
     rc, rr = pairwise_scores_from_hidden(hidden, norm_weight, head_weight, cu_seqlens, mode=mode, eps=eps,
-                                         backend=backend)
+                                         backend=backend, rejected_prefix=rejected_prefix)
     loss = bradley_terry_loss(rc, rr, margin=margin, center_coef=center_coef)
     return PairwiseOutput(loss=loss, chosen=rc.detach(), rejected=rr.detach())
 

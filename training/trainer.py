@@ -16,15 +16,14 @@ by default, for models trained from scratch (whose vision path is random, see ex
 features are computed once per picture (content digest) and cached, and only the cheap projector runs with
 autograd; ``train_vision`` trains the ViT too (no cache: every step encodes its pictures).
 
-Why chosen and rejected do not share their prompt prefix here, although the scorer shares prefixes: both
-sequences start with the same image and prompt (for one image, ~840 of the ~870 tokens), so sharing would nearly
-halve the LLM work. But the scorer's sharing reads the prefix's K/V from the paged cache, which is written in
-place without autograd, and the paged attention kernel has no backward. Training through a shared prefix needs an
-attention over (prefix K/V from the graph) + (new tokens) that is differentiable, i.e. a second attention path in
-the model (or a tree attention mask in the packed varlen kernel), and with last-token pooling the prefix receives
-gradient from both replies. That is a change to the model code, not to the trainer; until then each pair is packed
-as two full sequences. What IS shared: the image is encoded once per pair (content digest), and with the vision
-path frozen, once per training run while it stays in the media cache.
+Shared prefix (``share_prefix``, on by default): chosen and rejected start with the same image and prompt (for one
+image, ~840 of ~870 tokens). The rejected sequence is packed as only its tokens after the longest common prefix and
+attends to the chosen sequence's K/V there (``ForwardContext.parents``, a differentiable path of the model's torch
+attention), so the prefix runs through the LLM once per pair and gets the gradients of both replies. Mean pooling
+adds the chosen sequence's prefix scores to the rejected mean. Not shared: pairs with no common prefix, and pairs
+longer than max_position_embeddings under dynamic-NTK RoPE (the rotary base then depends on each sequence's own
+length). The image is encoded once per pair (content digest), and with the vision path frozen, once per training run
+while it stays in the media cache.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -91,6 +91,7 @@ class TrainConfig:
     train_projector: bool = False  # train vision_proj and the separators, ViT frozen (its features cached)
     media_cache_size: int = 256  # projected image embeddings kept between steps (frozen vision path only)
     score_backend: str = "auto"  # pool_score backend: "auto" (Triton on CUDA), "triton", "torch"
+    share_prefix: bool = True  # run a pair's common prompt/image prefix through the LLM once (see module docstring)
     save_dtype: str = "float32"
     save_shards: int = 2
 
@@ -242,6 +243,7 @@ class RewardTrainer:
                                   media_cache_size=0 if self._vision_in_graph else self.cfg.media_cache_size)
         # train_projector: the frozen ViT's merged features per image content digest (insertion order = age)
         self._merged_cache: dict[str, torch.Tensor] = {}
+        self.llm_tokens = 0  # tokens run through the LLM by training steps (shared prefixes counted once)
         self.params = self._select_trainable()
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=self.cfg.lr, betas=self.cfg.betas,
                                            weight_decay=self.cfg.weight_decay)
@@ -334,10 +336,29 @@ class RewardTrainer:
         enabled = self.cfg.bf16 and self.device.type == "cuda"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def _hidden(self, plans: list[SeqPlan]):
+    def _pair_plans(self, batch: list[tuple[PreparedSample, PreparedSample]]):
+        """Plans of a micro-batch (chosen replies, then rejected ones), the in-batch parents and the rejected
+        sequences' shared prefix lengths (0 where a pair does not share)."""
+        n = len(batch)
+        shared = [self._shared_prefix(c, r) if self.cfg.share_prefix else 0 for c, r in batch]
+        plans = [SeqPlan(c) for c, _ in batch] + [SeqPlan(r, start=k) for (_, r), k in zip(batch, shared)]
+        parents = [None] * n + [(i, k) if k else None for i, k in enumerate(shared)]
+        return plans, (parents if any(shared) else None), shared
+
+    def _shared_prefix(self, c: PreparedSample, r: PreparedSample) -> int:
+        """Positions the two sequences share (same tokens and media), leaving each at least one token of its own."""
+        mcfg = self.model.cfg
+        if mcfg.rope_scaling_factor != 1.0 and max(c.n_tokens, r.n_tokens) > mcfg.max_position_embeddings:
+            return 0
+        kc, kr = c.content_keys(), r.content_keys()
+        m = min(len(kc), len(kr)) - 1
+        diff = np.flatnonzero(kc[:m] != kr[:m])
+        return int(diff[0]) if diff.size else m
+
+    def _hidden(self, plans: list[SeqPlan], parents=None):
         if not self._vision_in_graph:
-            return self.runner.forward_hidden(plans)
-        return self._forward_hidden_with_vision(plans)
+            return self.runner.forward_hidden(plans, parents=parents)
+        return self._forward_hidden_with_vision(plans, parents)
 
     def _merged(self, digest: str, pixels: torch.Tensor) -> torch.Tensor:
         """ViT + 2x2 merge of one image: with autograd (train_vision) or from the cache of frozen features."""
@@ -353,25 +374,29 @@ class RewardTrainer:
                 self._merged_cache[digest] = hit
         return hit
 
-    def _forward_hidden_with_vision(self, plans: list[SeqPlan]):
-        """forward_hidden with autograd through the projector and separators, and the ViT with train_vision."""
+    def _forward_hidden_with_vision(self, plans: list[SeqPlan], parents=None):
+        """forward_hidden with autograd through the projector and separators, and the ViT with train_vision.
+        Each plan's positions [start, n_tokens) are packed (start > 0: a prefix shared through `parents`)."""
         encoded: dict[str, torch.Tensor] = {}
         pieces: list[torch.Tensor | list[int]] = []
         image_pos, lens = [], []
         offset = 0
         for p in plans:
             s = p.sample
-            for d, mc in zip(s.media_digests, s.media):
+            for start, end, piece in s.segments():
+                lo = max(start, p.start)
+                if end <= lo:
+                    continue
+                if isinstance(piece, list):
+                    pieces.append(piece[lo - start:])
+                    continue
+                d, mc = s.media_digests[piece], s.media[piece]
                 if d not in encoded:  # chosen and rejected share their image: encode it once
                     encoded[d] = self.model.image_tokens(self._merged(d, mc.pixel_values), mc.h, mc.w)
-            for start, end, piece in s.segments():
-                if isinstance(piece, list):
-                    pieces.append(piece)
-                else:
-                    pieces.append(encoded[s.media_digests[piece]])
-                    image_pos.append(torch.arange(offset + start, offset + end))
-            lens.append(s.n_tokens)
-            offset += s.n_tokens
+                pieces.append(encoded[d][lo - start:])
+                image_pos.append(torch.arange(offset + lo - p.start, offset + end - p.start))
+            lens.append(p.new_tokens)
+            offset += p.new_tokens
         # One embedding lookup for all text (one dense gradient of the table instead of one per text piece).
         ids = torch.tensor([t for p in pieces if isinstance(p, list) for t in p], device=self.device)
         text = self.model.model.tok_embeddings(ids).split([len(p) for p in pieces if isinstance(p, list)])
@@ -379,22 +404,24 @@ class RewardTrainer:
         embeds = torch.cat([next(it) if isinstance(p, list) else p for p in pieces])
         cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lens), 0)
-        positions = torch.cat([torch.arange(n) for n in lens])
+        positions = torch.cat([torch.arange(p.start, p.sample.n_tokens) for p in plans])
         ctx = ForwardContext(
-            cu_seqlens=cu.to(self.device), positions=positions.to(self.device), seq_lens_total=lens,
-            new_lens=list(lens), image_index=torch.cat(image_pos).to(self.device) if image_pos else None,
-            backend="torch",
+            cu_seqlens=cu.to(self.device), positions=positions.to(self.device),
+            seq_lens_total=[p.sample.n_tokens for p in plans], new_lens=list(lens),
+            image_index=torch.cat(image_pos).to(self.device) if image_pos else None, backend="torch", parents=parents,
         )
         return self.model.hidden_states(embeds, ctx), ctx
 
     def _pair_loss(self, batch: list[tuple[PreparedSample, PreparedSample]]):
-        plans = [SeqPlan(c) for c, _ in batch] + [SeqPlan(r) for _, r in batch]
+        plans, parents, shared = self._pair_plans(batch)
         with self._autocast():
-            hidden, ctx = self._hidden(plans)
+            hidden, ctx = self._hidden(plans, parents)
         m = self.model
+        self.llm_tokens += int(ctx.cu_seqlens[-1])
         return bt_loss_from_hidden(
             hidden, m.model.norm.weight, m.score.weight, ctx.cu_seqlens, mode=m.cfg.pooling, eps=m.cfg.rms_norm_eps,
             backend=self.cfg.score_backend, margin=self.cfg.margin, center_coef=self.cfg.center_coef,
+            rejected_prefix=shared,
         )
 
     # --- evaluation -------------------------------------------------------------------------------------------------
@@ -414,12 +441,12 @@ class RewardTrainer:
             batch = self._prepare_pairs(pairs[i:i + bp])
             if not batch:
                 continue
-            plans = [SeqPlan(c) for c, _ in batch] + [SeqPlan(r) for _, r in batch]
+            plans, parents, shared = self._pair_plans(batch)
             with self._autocast():
-                hidden, ctx = self._hidden(plans)
+                hidden, ctx = self._hidden(plans, parents)
             out = bt_loss_from_hidden(hidden, self.model.model.norm.weight, self.model.score.weight, ctx.cu_seqlens,
                                       mode=self.model.cfg.pooling, eps=self.model.cfg.rms_norm_eps,
-                                      backend=self.cfg.score_backend)
+                                      backend=self.cfg.score_backend, rejected_prefix=shared)
             k = len(batch)
             n += k
             correct += int((out.chosen > out.rejected).sum())

@@ -161,9 +161,12 @@ class ModelRunner:
         )
         return embeds, ctx, n_media, n_crops
 
-    def forward_hidden(self, plans: list[SeqPlan]) -> tuple[torch.Tensor, ForwardContext]:
-        """Final hidden states (before the norm) with autograd enabled: for training (no KV cache)."""
+    def forward_hidden(self, plans: list[SeqPlan], parents=None) -> tuple[torch.Tensor, ForwardContext]:
+        """Final hidden states (before the norm) with autograd enabled: for training (no KV cache).
+
+        parents: see ForwardContext; a plan with start > 0 then takes its first positions from its parent's."""
         embeds, ctx, _, _ = self.pack(plans)
+        ctx.parents = parents
         return self.model.hidden_states(embeds, ctx), ctx
 
     @torch.inference_mode()

@@ -36,6 +36,9 @@ class ForwardContext:
     image_index: int64 [n_img] packed positions whose im_mask is true (PLoRA rows); None if there are none.
     kv_cache / block_tables / prefix_lens / slot_mapping: paged cache, set when K/V are cached or reused.
     backend: "torch" (reference ops) or "triton" (fused kernels; CUDA or the interpreter).
+    parents: training's in-batch prefix sharing (no cache, autograd on): per sequence None, or (a, P) when its first
+      P positions are those of the earlier sequence a of this batch, whose K/V it then attends to (positions of its
+      new tokens start at P). Chosen and rejected replies of a preference pair share their prompt this way.
     """
 
     cu_seqlens: torch.Tensor
@@ -50,6 +53,7 @@ class ForwardContext:
     backend: str = "torch"
     attn_plan: object = None  # built by the first layer, reused by the others (Triton backend)
     empty_prefix: tuple | None = None
+    parents: list[tuple[int, int] | None] | None = None
 
     @property
     def has_prefix(self) -> bool:
@@ -107,21 +111,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-def varlen_causal_attention_ref(q, k, v, cu_seqlens: list[int], scale: float) -> torch.Tensor:
+def varlen_causal_attention_ref(q, k, v, cu_seqlens: list[int], scale: float,
+                                parents: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
     """Per-sequence causal SDPA over packed tokens (q `[T, Hq, D]`, k/v `[T, Hkv, D]`); GQA by head repetition.
 
-    split/cat (not slice assignment) so that the backward does not build a full-size gradient per sequence.
+    parents (see ForwardContext): sequence b with (a, P) attends to the first P keys/values of sequence a, then
+    causally to its own. split/cat (not slice assignment) so that the backward does not build a full-size gradient
+    per sequence; the shared prefix's K/V get the gradients of every sequence that reads them.
     """
     lens = [e - s for s, e in itertools.pairwise(cu_seqlens)]
     groups = q.shape[1] // k.shape[1]
+    ks, vs = k.split(lens), v.split(lens)
     outs = []
-    for qb, kb, vb in zip(q.split(lens), k.split(lens), v.split(lens)):
+    for b, (qb, kb, vb) in enumerate(zip(q.split(lens), ks, vs)):
         if qb.shape[0] == 0:
             outs.append(qb)
             continue
+        parent = parents[b] if parents is not None else None
+        mask = None
+        if parent is not None:
+            a, p = parent
+            if not (0 <= a < b and 0 < p <= lens[a]):
+                raise ValueError(f"sequence {b}: parent {parent} must be an earlier sequence with >= P tokens")
+            kb, vb = torch.cat([ks[a][:p], kb]), torch.cat([vs[a][:p], vb])
+            n = qb.shape[0]  # new token i sees the P prefix keys and its own tokens 0..i
+            mask = torch.arange(p + n, device=q.device)[None, :] <= p + torch.arange(n, device=q.device)[:, None]
         kb = kb.transpose(0, 1).repeat_interleave(groups, dim=0)
         vb = vb.transpose(0, 1).repeat_interleave(groups, dim=0)
-        ob = F.scaled_dot_product_attention(qb.transpose(0, 1)[None], kb[None], vb[None], is_causal=True, scale=scale)
+        ob = F.scaled_dot_product_attention(qb.transpose(0, 1)[None], kb[None], vb[None], attn_mask=mask,
+                                            is_causal=mask is None, scale=scale)
         outs.append(ob[0].transpose(0, 1))
     return torch.cat(outs)
 
@@ -161,6 +179,10 @@ def _attention(q, k, v, ctx: ForwardContext, layer_idx: int, scale: float) -> to
     cache = ctx.kv_cache
     if cache is not None and ctx.slot_mapping is not None:
         write_kv_cache(k, v, cache.k[layer_idx], cache.v[layer_idx], ctx.slot_mapping, backend=ctx.backend)
+    if ctx.parents is not None:  # training's in-batch prefix sharing: differentiable, torch only
+        if ctx.has_prefix:
+            raise ValueError("in-batch prefix parents and a paged KV cache prefix cannot be combined")
+        return varlen_causal_attention_ref(q, k, v, ctx.cu_seqlens.tolist(), scale, ctx.parents)
     if not ctx.has_prefix and (ctx.backend != "triton" or q.requires_grad):
         # the Triton kernel has no backward: training (autograd on) takes the differentiable SDPA path
         return varlen_causal_attention_ref(q, k, v, ctx.cu_seqlens.tolist(), scale)
