@@ -76,7 +76,7 @@ def test_media_paths_absolute_missing_and_unchecked(data_dir, tmp_path_factory):
 
 
 BAD_LINES = [
-    (b'{"id": "j1", "messages": [', "invalid JSON", None),
+    (b'{"id": "j1", "messages": [\n', "invalid JSON: Expecting value (column 27)", None),
     (b"\xff\xfe not utf8", "not valid UTF-8", None),
     ('["a list"]', "JSON object", None),
     ({"id": "m1", "messages": PROMPT, "chosen": "x"}, "missing field(s): rejected", "m1"),

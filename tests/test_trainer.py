@@ -7,6 +7,7 @@ on two generated shape pictures (hd_num 1: 841 image tokens each).
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -286,10 +287,35 @@ def test_cli_end_to_end(tmp_path, tiny_ckpt, capsys):
     load_model(out)
     # resume from the latest checkpoint: nothing left to do, the step count is kept
     rc = cli_main(["train-rm", str(pairs), "--model", str(tiny_ckpt), "-o", str(out), "--batch-pairs", "2",
-                   "--lr", "1e-3", "--length-ratio", "2", "--eval-fraction", "0.4", "--resume", "--no-progress"])
+                   "--lr", "1e-3", "--length-ratio", "2", "--eval-fraction", "0.4", "--resume", "--no-progress",
+                   "--hd-num", "1"])
     err = capsys.readouterr().err
     assert rc == 0, err
     assert json.loads(err.strip().splitlines()[-1])["steps"] == 2
+
+
+def test_resume_refuses_other_pairs_or_settings(tmp_path):
+    pairs = text_pairs(8, seed=2)
+    tr = RewardTrainer(small_model(), PACKAGED_TOKENIZER, pairs, cfg=fast_cfg(), output_dir=tmp_path)
+    tr.train(progress=False, max_steps=1)
+    ckpt = tr.save(tmp_path / "ck")
+    edited = pairs[:3] + [PreferencePair(id=pairs[3].id, messages=pairs[3].messages, chosen="changed",
+                                         rejected=pairs[3].rejected)] + pairs[4:]
+    with pytest.raises(ValueError, match="other pairs"):
+        RewardTrainer(small_model(), PACKAGED_TOKENIZER, edited, cfg=fast_cfg()).load_state(ckpt)
+    with pytest.raises(ValueError, match="seed=0.*seed=7"):
+        RewardTrainer(small_model(), PACKAGED_TOKENIZER, pairs, cfg=fast_cfg(seed=7)).load_state(ckpt)
+    RewardTrainer(small_model(), PACKAGED_TOKENIZER, pairs, cfg=fast_cfg()).load_state(ckpt)
+
+
+def test_log_records_the_rate_each_step_used(tmp_path):
+    cfg = fast_cfg(warmup_ratio=0.5, batch_pairs=2, min_lr_ratio=0.1)
+    tr = RewardTrainer(small_model(), PACKAGED_TOKENIZER, text_pairs(8), cfg=cfg, output_dir=tmp_path / "m")
+    tr.train(progress=False)
+    log = [json.loads(x) for x in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+    total = tr.total_steps
+    want = [cfg.lr * lr_factor(k, total, math.ceil(cfg.warmup_ratio * total), cfg.min_lr_ratio) for k in range(4)]
+    assert [r["lr"] for r in log if "lr" in r] == pytest.approx(want, rel=1e-9)
 
 
 def test_cli_reports_bad_lines_with_file_and_line(tmp_path, tiny_ckpt, capsys):

@@ -153,7 +153,7 @@ def _parse_line(raw: bytes, lineno: int, path: str, base_dir: str, check_media: 
         except UnicodeDecodeError as e:
             raise _BadLine(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
         try:
-            obj = json.loads(text)
+            obj = json.loads(text.rstrip("\r\n"))  # the column then counts characters of the line itself
         except json.JSONDecodeError as e:
             raise _BadLine(f"invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(obj, dict):

@@ -28,6 +28,7 @@ while it stays in the media cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -196,6 +197,15 @@ class TrainResult:
 
 
 # --- schedule -------------------------------------------------------------------------------------------------------
+
+
+def _pairs_digest(pairs: Sequence[PreferencePair]) -> str:
+    """Content fingerprint of the training pairs, in order: a resume must continue on the same data."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in pairs:
+        h.update(json.dumps([p.id, p.messages, p.chosen, p.rejected, list(p.images)], sort_keys=True,
+                            default=str).encode())
+    return h.hexdigest()
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -483,6 +493,7 @@ class RewardTrainer:
             "rng_python": random.getstate(),
             "weights_dtype": str(dt).removeprefix("torch."),
             "n_train_pairs": len(self.train_pairs),
+            "pairs_digest": _pairs_digest(self.train_pairs),
         }, out / STATE_FILE)
         return out
 
@@ -496,13 +507,17 @@ class RewardTrainer:
             raise FileNotFoundError(f"resume: {path} not found (not a checkpoint written by the trainer)")
         st = torch.load(path, map_location="cpu", weights_only=True)
         saved_cfg = st.get("config", {})
-        for key in ("lora_rank", "batch_pairs", "grad_accum", "train_vision", "train_projector"):
+        for key in ("lora_rank", "lora_alpha", "batch_pairs", "grad_accum", "train_vision", "train_projector", "seed",
+                    "margin", "center_coef", "hd_num", "max_length"):
             if saved_cfg.get(key) != getattr(self.cfg, key):
                 raise ValueError(f"resume: {path} was written with {key}={saved_cfg.get(key)!r}, "
                                  f"but this run has {key}={getattr(self.cfg, key)!r}")
         if st.get("n_train_pairs") != len(self.train_pairs):
             raise ValueError(f"resume: {path} was trained on {st.get('n_train_pairs')} pairs, this run has "
                              f"{len(self.train_pairs)}; resume with the same pair file and filters")
+        if st.get("pairs_digest", _pairs_digest(self.train_pairs)) != _pairs_digest(self.train_pairs):
+            raise ValueError(f"resume: {path} was trained on other pairs (same count, different content or order); "
+                             "resume with the same pair file and filters")
         if self.cfg.lora_rank:
             params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
             missing = sorted(set(params) - set(st["trained"]))
@@ -573,6 +588,7 @@ class RewardTrainer:
                 if cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
+            lr_used = self.scheduler.get_last_lr()[0]  # the rate of this step (step() moves to the next one)
             self.scheduler.step()
             self.step += 1
             if n_step:
@@ -583,7 +599,7 @@ class RewardTrainer:
                 ema_loss = last_loss if ema_loss is None else 0.9 * ema_loss + 0.1 * last_loss
                 ema_acc = acc if ema_acc is None else 0.9 * ema_acc + 0.1 * acc
             record = {"step": self.step, "epoch": epoch, "loss": last_loss, "acc": acc if n_step else None,
-                      "lr": self.scheduler.get_last_lr()[0], "pairs": n_step,
+                      "lr": lr_used, "pairs": n_step,
                       "seconds": round(time.perf_counter() - t0, 3)}
             end_of_epoch = self.step % self.steps_per_epoch == 0
             if self.eval_pairs and ((cfg.eval_every and self.step % cfg.eval_every == 0) or end_of_epoch
