@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-steps", type=POS_INT, default=None,
                    help="stop after this many optimizer steps in total (default: the whole schedule)")
     r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="DIR",
-                   help="continue from a checkpoint directory; --resume alone: the latest one in --output "
-                   "(default: start afresh)")
+                   help="continue from a checkpoint directory; --resume alone: the latest one in --output. Give the "
+                   "same pairs, options and --model as the first run (with LoRA, --model must be the original base, "
+                   "not a checkpoint of this run: its adapters would be applied twice) (default: start afresh)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (default: show one)")
     return p
 
