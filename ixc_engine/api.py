@@ -116,7 +116,7 @@ class RewardEngine:
     def score(self, conversations: Sequence[list[dict]], images: Sequence[Any] | None = None, hd_num: int = 9):
         """One float per conversation (a list of {role, content} messages); images: per conversation a list of
         image/video paths or PIL images (or None)."""
-        return self._score_samples(self._samples(conversations, images), hd_num)
+        return self._score(conversations, images, hd_num, "score")
 
     def _score(self, conversations, images, hd_num: int, method: str) -> list[float]:
         return self._score_samples(self._samples(conversations, images, method), hd_num)

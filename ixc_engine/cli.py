@@ -304,23 +304,10 @@ def cmd_score(args) -> int:
     return 0
 
 
-def _corpus_ids(path: Path):
-    """(line number, id) of each corpus line, the id as `score` records it (the line number when absent); None for a
-    line that is not a JSON object."""
-    with open(path, "rb") as fh:
-        for ln, raw in enumerate(fh, 1):
-            try:
-                obj = json.loads(raw.decode("utf-8").removeprefix("\ufeff") if ln == 1 else raw)
-            except (ValueError, UnicodeDecodeError):
-                yield ln, None
-                continue
-            yield ln, obj.get("id", ln) if isinstance(obj, dict) else None
-
-
 def cmd_filter(args) -> int:
     import math
 
-    from ixc_engine.corpus import count_lines
+    from ixc_engine.corpus import LineError, count_lines, read_corpus
 
     if args.min_score is not None and not math.isfinite(args.min_score):
         raise ValueError(f"--min-score must be a finite number, got {args.min_score}")
@@ -350,7 +337,8 @@ def cmd_filter(args) -> int:
         raise ValueError(f"{args.scores} has records for lines the corpus ({total} lines) does not have, e.g. line "
                          f"{stray[0]}: these scores belong to another corpus")
     missing = []
-    for ln, cid in _corpus_ids(args.corpus):
+    for ln, item in read_corpus(args.corpus):  # ids exactly as `score` read them
+        cid = item.sample_id if isinstance(item, LineError) else item.id
         rec = scored.get(ln)
         if rec is None:
             if ln not in failed:

@@ -22,6 +22,16 @@ def built_for_interpreter(jit_fn) -> bool:
     return isinstance(jit_fn, InterpretedFunction)
 
 
+def kernel_device(jit_fn) -> str | None:
+    """The device type whose tensors the Triton kernel `jit_fn` takes in this process: "cpu" under the interpreter,
+    "cuda" when compiled for a present GPU, None when it cannot run (no triton, or compiled for an absent GPU)."""
+    if jit_fn is None:
+        return None
+    if built_for_interpreter(jit_fn):
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else None
+
+
 def kernel_unavailable_reason(jit_fn, device: torch.device) -> str | None:
     """Why the Triton kernel `jit_fn` cannot run on `device`, or None when it can."""
     if jit_fn is None:

@@ -7,23 +7,13 @@ import importlib
 import numpy as np
 import pytest
 import torch
-from ixc_engine.kernels._backend import built_for_interpreter
+from ixc_engine.kernels._backend import kernel_device
 
 gae_mod = importlib.import_module("ixc_engine.training.gae")  # the package re-exports the function `gae`
 from ixc_engine.training.gae import gae, gae_ref
 
-
-def _kernel_device():
-    # Interpreted kernels take CPU tensors; if another module imported the kernels first on a CUDA machine without
-    # the interpreter, they were compiled for the GPU and take CUDA tensors.
-    if gae_mod.triton is None:
-        return None
-    if built_for_interpreter(getattr(gae_mod, "_gae_kernel", None)):
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else None
-
-
-KDEV = _kernel_device()
+# Interpreted kernels take CPU tensors; kernels compiled for a GPU take CUDA tensors.
+KDEV = kernel_device(getattr(gae_mod, "_gae_kernel", None))
 needs_triton = pytest.mark.skipif(KDEV is None, reason="triton missing, or its kernels compiled for an absent GPU")
 
 

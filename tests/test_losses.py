@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from ixc_engine.kernels import pool_score as ps_mod
-from ixc_engine.kernels._backend import built_for_interpreter
+from ixc_engine.kernels._backend import kernel_device
 from ixc_engine.kernels.pool_score import pool_score
 from ixc_engine.training.critic import (
     critic_step,
@@ -27,18 +27,8 @@ from ixc_engine.training.losses import (
     value_loss_terms,
 )
 
-
-def _kernel_device():
-    # Interpreted kernels take CPU tensors; if another module imported the kernels first on a CUDA machine without
-    # the interpreter, they were compiled for the GPU and take CUDA tensors.
-    if ps_mod.triton is None:
-        return None
-    if built_for_interpreter(getattr(ps_mod, "_pool_score_fwd_kernel", None)):
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else None
-
-
-KDEV = _kernel_device()
+# Interpreted kernels take CPU tensors; kernels compiled for a GPU take CUDA tensors.
+KDEV = kernel_device(getattr(ps_mod, "_pool_score_fwd_kernel", None))
 needs_triton = pytest.mark.skipif(KDEV is None, reason="triton missing, or its kernels compiled for an absent GPU")
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import random
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 
 from ixc_engine.template import (
     ROLES,
@@ -17,7 +15,9 @@ from ixc_engine.template import (
     render_conversation,
     validate_messages,
 )
-from ixc_engine.tokenizer import IM_END, IM_START, IMAGE_PLACEHOLDER, REWARD_TOKEN, Tokenizer
+from ixc_engine.tokenizer import IMAGE_PLACEHOLDER, Tokenizer
+
+from .test_tokenizer import train_tiny_model
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "ixc" / "tokenizer.model"
 IMG = IMAGE_PLACEHOLDER
@@ -40,15 +40,7 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def tiny() -> Tokenizer:
-    lines = ["The quick brown fox jumps over the lazy dog.", "user assistant system", "Hello world, 你好!"] * 40
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=400, byte_fallback=True,
-        add_dummy_prefix=False, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        user_defined_symbols=[REWARD_TOKEN, IM_END, IM_START], character_coverage=1.0, hard_vocab_limit=False,
-        minloglevel=2, num_threads=1,
-    )
-    return Tokenizer(buf.getvalue())
+    return Tokenizer(train_tiny_model())
 
 
 @pytest.fixture(params=["real", "tiny"])

@@ -199,15 +199,6 @@ class TrainResult:
 # --- schedule -------------------------------------------------------------------------------------------------------
 
 
-def _pairs_digest(pairs: Sequence[PreferencePair]) -> str:
-    """Content fingerprint of the training pairs, in order: a resume must continue on the same data."""
-    h = hashlib.blake2b(digest_size=16)
-    for p in pairs:
-        h.update(json.dumps([p.id, p.messages, p.chosen, p.rejected, list(p.images)], sort_keys=True,
-                            default=str).encode())
-    return h.hexdigest()
-
-
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Multiplier of the base lr for optimizer step ``step`` (0-based): linear warmup over ``warmup`` steps
     (from 1/warmup to 1), then cosine from 1 down to ``min_ratio`` at step ``total``."""
@@ -216,6 +207,18 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     span = max(total - warmup, 1)
     progress = min((step - warmup) / span, 1.0)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --- resume ---------------------------------------------------------------------------------------------------------
+
+
+def _pairs_digest(pairs: Sequence[PreferencePair]) -> str:
+    """Content fingerprint of the training pairs, in order: a resume must continue on the same data."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in pairs:
+        h.update(json.dumps([p.id, p.messages, p.chosen, p.rejected, list(p.images)], sort_keys=True,
+                            default=str).encode())
+    return h.hexdigest()
 
 
 # --- the trainer ----------------------------------------------------------------------------------------------------
@@ -515,7 +518,8 @@ class RewardTrainer:
         if st.get("n_train_pairs") != len(self.train_pairs):
             raise ValueError(f"resume: {path} was trained on {st.get('n_train_pairs')} pairs, this run has "
                              f"{len(self.train_pairs)}; resume with the same pair file and filters")
-        if st.get("pairs_digest", _pairs_digest(self.train_pairs)) != _pairs_digest(self.train_pairs):
+        digest = _pairs_digest(self.train_pairs)
+        if st.get("pairs_digest", digest) != digest:
             raise ValueError(f"resume: {path} was trained on other pairs (same count, different content or order); "
                              "resume with the same pair file and filters")
         if self.cfg.lora_rank:

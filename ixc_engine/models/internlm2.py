@@ -179,13 +179,11 @@ def _attention(q, k, v, ctx: ForwardContext, layer_idx: int, scale: float) -> to
     cache = ctx.kv_cache
     if cache is not None and ctx.slot_mapping is not None:
         write_kv_cache(k, v, cache.k[layer_idx], cache.v[layer_idx], ctx.slot_mapping, backend=ctx.backend)
-    if ctx.parents is not None:  # training's in-batch prefix sharing: differentiable, torch only
-        if ctx.has_prefix:
-            raise ValueError("in-batch prefix parents and a paged KV cache prefix cannot be combined")
+    if ctx.parents is not None and ctx.has_prefix:
+        raise ValueError("in-batch prefix parents and a paged KV cache prefix cannot be combined")
+    if not ctx.has_prefix and (ctx.backend != "triton" or q.requires_grad or ctx.parents is not None):
+        # the Triton kernel has no backward and no in-batch parents: training takes the differentiable SDPA path
         return varlen_causal_attention_ref(q, k, v, ctx.cu_seqlens.tolist(), scale, ctx.parents)
-    if not ctx.has_prefix and (ctx.backend != "triton" or q.requires_grad):
-        # the Triton kernel has no backward: training (autograd on) takes the differentiable SDPA path
-        return varlen_causal_attention_ref(q, k, v, ctx.cu_seqlens.tolist(), scale)
     if ctx.has_prefix:
         kc, vc, tables, prefix = cache.k[layer_idx], cache.v[layer_idx], ctx.block_tables, ctx.prefix_lens
     else:  # varlen causal attention: the same kernel with empty prefixes (metadata made once per forward)
