@@ -70,6 +70,17 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _add_format_args(parser: argparse.ArgumentParser, media: bool = True) -> None:
+    from ixc_engine.formats.source import FORMATS
+
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="corpus format (default: by extension and content; llava = a LLaVA / ShareGPT JSON "
+                        "array or JSONL)")
+    if media:
+        parser.add_argument("--media-root", type=Path, default=None, metavar="DIR",
+                            help="folder that relative media paths start from (default: the corpus file's folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ixc-engine", description="Fast, exact scoring with the IXC-2.5-Reward multi-modal reward model.",
@@ -94,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  ixc-engine score corpus.jsonl --model /models/ixc-2.5-reward --shard 1/4 -o scores.jsonl"
         "   # writes scores.shard1-of-4.jsonl",
     )
-    s.add_argument("corpus", type=Path, help="input JSONL file")
+    s.add_argument("corpus", type=Path, help="input corpus: JSONL, a JSON array (LLaVA / ShareGPT) or Parquet")
+    _add_format_args(s)
     s.add_argument("--model", required=True, help="checkpoint directory (or a hub id with huggingface_hub)")
     s.add_argument("-o", "--output", type=Path, required=True, help="scores JSONL file to write")
     s.add_argument("--hd-num", type=_int_at_least(1), default=9,
@@ -129,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  ixc-engine filter corpus.jsonl --scores scores.jsonl --drop-fraction 0.1 -o clean.jsonl\n"
         "  ixc-engine filter corpus.jsonl --scores scores.jsonl --min-score -1.5 -o clean.jsonl",
     )
-    f.add_argument("corpus", type=Path, help="the corpus JSONL file that was scored")
+    f.add_argument("corpus", type=Path, help="the corpus that was scored (the output is written in its format)")
+    _add_format_args(f, media=False)
     f.add_argument("--scores", type=Path, required=True,
                    help="scores JSONL written by `score` (its .errors.jsonl and .job.json beside it are read too)")
     g = f.add_mutually_exclusive_group(required=True)
@@ -147,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("shards", type=Path, nargs="+", help="the shard score files (their .errors.jsonl are joined too)")
     m.add_argument("-o", "--output", type=Path, required=True, help="merged scores JSONL to write")
+
+    from ixc_engine.report.cli import add_report_parser
+
+    add_report_parser(sub, fmt, _add_format_args)
 
     t = sub.add_parser(
         "init-tiny", help="write a random tiny model in the exact release layout", formatter_class=fmt,
@@ -188,8 +205,9 @@ def _check_outputs_apart(inputs: dict[str, Path], outputs: list[Path]) -> None:
 
 def cmd_score(args) -> int:
     from ixc_engine.api import RewardEngine
-    from ixc_engine.corpus import LineError, ResultWriter, count_lines, job_path_for, read_corpus
+    from ixc_engine.corpus import LineError, ResultWriter, count_lines, job_path_for
     from ixc_engine.engine.engine import EngineConfig
+    from ixc_engine.formats.source import open_corpus
 
     if not args.corpus.is_file():
         print(f"error: corpus {args.corpus} not found", file=sys.stderr)
@@ -206,7 +224,8 @@ def cmd_score(args) -> int:
         hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window, workers=args.workers,
         prefix_cache=not args.no_prefix_cache, max_length=args.max_length,
     )
-    total_lines = count_lines(args.corpus)
+    source = open_corpus(args.corpus, args.format, args.media_root)  # JSONL, JSON array or Parquet
+    total_lines = source.count()
     i, n = args.shard
     mine = len(range(i, total_lines, n))
     job = JobManifest(corpus=str(args.corpus.resolve()), model=_model_key(args.model), hd_num=args.hd_num,
@@ -248,7 +267,7 @@ def cmd_score(args) -> int:
           f"({engine.engine.runner.dtype})", file=sys.stderr)
 
     def todo():
-        for ln, item in read_corpus(args.corpus, shard=args.shard):
+        for ln, item in source.records(shard=args.shard):
             if ln not in done:
                 yield ln, item
                 continue
@@ -307,7 +326,8 @@ def cmd_score(args) -> int:
 def cmd_filter(args) -> int:
     import math
 
-    from ixc_engine.corpus import LineError, count_lines, read_corpus
+    from ixc_engine.corpus import LineError
+    from ixc_engine.formats.source import open_corpus
 
     if args.min_score is not None and not math.isfinite(args.min_score):
         raise ValueError(f"--min-score must be a finite number, got {args.min_score}")
@@ -329,7 +349,8 @@ def cmd_filter(args) -> int:
                          "shards first, then filter the merged scores")
     scored = {r["line"]: r for r in read_records(args.scores, "score")}
     failed = {r["line"]: r for r in read_records(errors_file, "error")}
-    total = count_lines(args.corpus)
+    source = open_corpus(args.corpus, args.format)
+    total = source.count()
     # Every corpus line must have exactly one record, with the corpus line's id: scores of another corpus, or of an
     # unfinished job, must not silently decide what is kept.
     stray = sorted(ln for ln in (*scored, *failed) if not 1 <= ln <= total)
@@ -337,7 +358,7 @@ def cmd_filter(args) -> int:
         raise ValueError(f"{args.scores} has records for lines the corpus ({total} lines) does not have, e.g. line "
                          f"{stray[0]}: these scores belong to another corpus")
     missing = []
-    for ln, item in read_corpus(args.corpus):  # ids exactly as `score` read them
+    for ln, item in source.records():  # ids exactly as `score` read them
         cid = item.sample_id if isinstance(item, LineError) else item.id
         rec = scored.get(ln)
         if rec is None:
@@ -357,6 +378,14 @@ def cmd_filter(args) -> int:
         ranked = sorted(scores, key=lambda ln: (scores[ln], ln))
         keep = set(ranked[round(args.drop_fraction * len(ranked)):])
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    if source.format != "jsonl":  # a JSON array stays one, Parquet stays Parquet (ixc_engine/formats/writers.py)
+        from ixc_engine.formats.writers import write_kept
+
+        kept = write_kept(source, keep, args.output)
+        print(json.dumps({"records": total, "scored": len(scores), "kept": kept, "dropped_low_score":
+                          len(scores) - kept, "dropped_errors": len(failed), "output": str(args.output)}),
+              file=sys.stderr)
+        return 0
     with open(args.corpus, encoding="utf-8") as src, open(args.output, "w", encoding="utf-8") as dst:
         for ln, raw in enumerate(src, 1):
             if ln in keep:
@@ -455,8 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train-rm"]:  # its own parser (ixc_engine.training.cli), --help included
         return cmd_train_rm(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
+    from ixc_engine.report.cli import cmd_report
+
     handlers = {"score": cmd_score, "filter": cmd_filter, "merge": cmd_merge, "init-tiny": cmd_init_tiny,
-                "train-rm": cmd_train_rm}
+                "train-rm": cmd_train_rm, "report": cmd_report}
     try:
         return handlers[args.command](args)
     except (ValueError, RuntimeError, OSError) as exc:
