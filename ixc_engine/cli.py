@@ -98,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         "<output>.errors.jsonl with its line number, id and the reason; every input line lands in exactly one of the "
         "two. <output>.job.json records the job's settings and whether it finished. Re-running the same command "
         "after an interruption (Ctrl-C, kill, crash) resumes where it stopped; re-running it with another corpus, "
-        "model, --hd-num, --max-length, --shard or dtype is refused unless --restart is given.",
+        "model, --hd-num, --max-length, --shard or dtype is refused unless --restart is given.\n\n"
+        "Other formats: a LLaVA / ShareGPT JSON array, JSONL with OpenAI content parts, Parquet (with image bytes); "
+        "see --format and --media-root. For a JSON array or a Parquet file the record index (from 1) stands for the "
+        "line number.",
         epilog="examples:\n"
         "  ixc-engine score examples/corpus.jsonl --model examples/demo-model -o out/scores.jsonl\n"
         "  ixc-engine score corpus.jsonl --model /models/ixc-2.5-reward --dtype bfloat16 -o scores.jsonl\n"

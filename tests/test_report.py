@@ -40,17 +40,25 @@ def _self_contained(html: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_report(tmp_path_factory):
-    """examples/corpus.jsonl scored by examples/demo-model, and its report (grouped by label, threshold 0)."""
-    d = tmp_path_factory.mktemp("demo")
-    scores = d / "scores.jsonl"
-    assert main(["score", str(EXAMPLES / "corpus.jsonl"), "--model", str(EXAMPLES / "demo-model"), "-o", str(scores),
-                 "--no-progress"]) == 0
-    html = d / "report.html"
-    from ixc_engine.report.build import build_report
+def demo_report():
+    """examples/corpus.jsonl scored by examples/demo-model, and its report (grouped by label, threshold 0), written
+    under out/demo-report/ (kept by CI as an artefact; ignored by git). Run from the checkout with relative paths, as
+    the README's commands, so that the page (and its screenshot) shows them."""
+    d = Path("out") / "demo-report"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)
+        d.mkdir(parents=True, exist_ok=True)
+        scores, html = d / "scores.jsonl", d / "report.html"
+        assert main(["score", "examples/corpus.jsonl", "--model", "examples/demo-model", "-o", str(scores),
+                     "--no-progress", "--restart"]) == 0
+        assert main(["report", str(scores), "--corpus", "examples/corpus.jsonl", "-o", str(html), "--group-by",
+                     "label", "--threshold", "0"]) == 0
+        from ixc_engine.report.build import build_report
 
-    summary = build_report(scores, EXAMPLES / "corpus.jsonl", html, group_by="label", threshold=0.0, k=18)
-    return d, scores, html, summary
+        summary = build_report(scores, "examples/corpus.jsonl", d / "report-again.html", group_by="label",
+                               threshold=0.0, k=18)
+        assert (d / "report-again.html").read_bytes() == html.read_bytes()  # deterministic page
+    return REPO / d, REPO / scores, REPO / html, summary
 
 
 def test_demo_report_content(demo_report):
@@ -74,7 +82,7 @@ def test_demo_report_content(demo_report):
     assert wrong_low >= 16 and wrong_high <= 2  # measured 18 and 0 (README); the model is what it is
     rows = sorted((json.loads(x) for x in scores.read_text().splitlines()), key=lambda r: (r["score"], r["line"]))
     assert summary["lowest"] == [r["line"] for r in rows[:18]]
-    assert 'data-line="%d"' % rows[0]["line"] in html
+    assert f'data-line="{rows[0]["line"]}"' in html
 
 
 def _chromium() -> str | None:
@@ -93,7 +101,7 @@ def _run_chromium(binary: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(_chromium() is None, reason="no chromium binary on PATH (Debian: apt-get install chromium)")
 def test_demo_report_renders_in_headless_chromium(demo_report, tmp_path):
-    d, _, html_path, _ = demo_report
+    _, _, html_path, _ = demo_report
     binary = _chromium()
     url = html_path.resolve().as_uri()
     res = _run_chromium(binary, "--dump-dom", url)
@@ -117,8 +125,7 @@ def test_demo_report_renders_in_headless_chromium(demo_report, tmp_path):
         assert im.size == (1280, 2200)
         colours = im.convert("RGB").resize((64, 110)).getcolors(64 * 110)
         assert colours is not None and len(colours) > 20  # not a blank page
-    artefact = REPO / "out" / "report-screenshot.png"  # CI keeps out/ (ignored by git)
-    artefact.parent.mkdir(exist_ok=True)
+    artefact = html_path.with_name("report-screenshot.png")  # out/demo-report/: CI keeps out/ (ignored by git)
     shutil.copyfile(shot, artefact)
     print(f"\nscreenshot of the demo corpus's report: {artefact}")
 
