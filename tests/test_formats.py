@@ -255,10 +255,36 @@ def test_parquet_rows_in_every_form(tmp_path):
     # the bytes are the same image as the file: same digest (encoded once) and same crops
     assert media_digest(recs[1].media[0], 9) == media_digest(recs[2].media[0], 9)
     a, b = load_media(recs[1].media[0], 9), load_media(recs[2].media[0], 9)
-    assert a.n_tokens == b.n_tokens and bool((a.pixels == b.pixels).all())
+    assert (a.h, a.w) == (b.h, b.w) and bool((a.pixel_values == b.pixel_values).all())
     assert [i for i, _ in src.records(start=3)] == [3, 4]
     assert [i for i, _ in src.records(shard=(1, 2))] == [2, 4]
     assert [o["source"] for _, o in src.objects()] == ["x", "y", "x", "z"]
+
+
+def test_parquet_hf_chat_rows_with_payloadless_image_parts(tmp_path):
+    """The `datasets` chat form: content parts whose image parts carry no payload, images in an Image column."""
+    red, blue = _png((200, 10, 10)), _png((10, 10, 200))
+    parts = lambda *p: list(p)
+    table = pa.table({
+        "messages": [
+            [{"role": "user", "content": parts({"type": "image", "text": None}, {"type": "text", "text": "Which?"})},
+             {"role": "assistant", "content": parts({"type": "text", "text": "Red."})}],
+            [{"role": "user", "content": parts({"type": "text", "text": "A"}, {"type": "image", "text": None},
+                                               {"type": "text", "text": "B"}, {"type": "image", "text": None})},
+             {"role": "assistant", "content": parts({"type": "text", "text": "Two."})}],
+            [{"role": "user", "content": parts({"type": "image", "text": None})},
+             {"role": "assistant", "content": parts({"type": "text", "text": "?"})}]],
+        "images": [[{"bytes": red, "path": None}], [{"bytes": red, "path": "r.png"}, {"bytes": blue, "path": "b.png"}],
+                   []],
+    })
+    pq.write_table(table, tmp_path / "hf.parquet")
+    recs = dict(open_corpus(tmp_path / "hf.parquet").records())
+    assert recs[1].messages == [{"role": "user", "content": "<ImageHere>Which?"},
+                                {"role": "assistant", "content": "Red."}]
+    assert [m.data for m in recs[2].media] == [red, blue] and recs[2].messages[0]["content"] == \
+        "A<ImageHere>B<ImageHere>"
+    assert recs[1].id == 1  # no id column: the record index
+    assert isinstance(recs[3], LineError) and "only 0 items" in str(recs[3])
 
 
 # ------------------------------------------------------------------------------- one corpus in every format, scored

@@ -48,8 +48,10 @@ def _decode_row(row: dict) -> dict | LineError:
     return row
 
 
-def iter_rows(path: str | Path, *, start: int = 1, wanted=None) -> Iterator[tuple[int, dict | LineError]]:
-    """(1-based row index, row as a dict) from row `start` on, row group by row group."""
+def iter_rows(path: str | Path, *, start: int = 1, wanted=None, decode_json: bool = True
+              ) -> Iterator[tuple[int, dict | LineError]]:
+    """(1-based row index, row as a dict) from row `start` on, row group by row group; decode_json: conversation
+    columns holding JSON text are decoded (a LineError when they are not JSON)."""
     pf = _open(Path(path))
     first = 1  # index of the current row group's first row
     for g in range(pf.metadata.num_row_groups):
@@ -61,7 +63,7 @@ def iter_rows(path: str | Path, *, start: int = 1, wanted=None) -> Iterator[tupl
         for batch in pf.iter_batches(batch_size=_BATCH, row_groups=[g]):
             for row in batch.to_pylist():
                 if index >= start and (wanted is None or wanted(index)):
-                    yield index, _decode_row(row)
+                    yield index, _decode_row(row) if decode_json else row
                 index += 1
         first += n
 

@@ -104,13 +104,11 @@ def _place_llava_media(messages: list[dict], images: list, videos: list, sid) ->
     return out, media
 
 
-def parse_record(obj, index: int, resolver: MediaResolver, *, default_id=None) -> Sample:
+def parse_record(obj, index: int, resolver: MediaResolver) -> Sample:
     """A decoded record -> Sample. Raises LineError naming what is wrong (the caller adds the record index)."""
     if not isinstance(obj, Mapping):
         raise LineError(f"expected a JSON object, got {type(obj).__name__}")
-    sid = obj.get("id")
-    if sid is None:
-        sid = index if default_id is None else default_id
+    sid = obj.get("id", index)  # as corpus.parse_line: an explicit null id stays null
     try:
         if obj.get("messages") is None and obj.get("conversation") is None and "conversations" in obj:
             messages = _llava_messages(obj["conversations"], sid)

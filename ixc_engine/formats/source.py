@@ -93,9 +93,9 @@ class CorpusSource:
         if self.format == "jsonl":
             yield from _jsonl_objects(self.path, wanted)
             return
-        yield from self._objects(1, wanted)
+        yield from self._objects(1, wanted, decode=False)
 
-    def _objects(self, start: int, wanted) -> Iterator[tuple[int, object]]:
+    def _objects(self, start: int, wanted, decode: bool = True) -> Iterator[tuple[int, object]]:
         if self.format == "json":
             from ixc_engine.formats.jsonarray import decode_span, iter_spans
 
@@ -109,7 +109,7 @@ class CorpusSource:
         elif self.format == "parquet":
             from ixc_engine.formats.parquet import iter_rows
 
-            yield from iter_rows(self.path, start=start, wanted=wanted)
+            yield from iter_rows(self.path, start=start, wanted=wanted, decode_json=decode)
         else:
             raise AssertionError(self.format)
 
