@@ -454,3 +454,20 @@ def test_filter_writes_each_format_and_round_trips(same_corpus, scored, tmp_path
         else:
             lines = files[fmt].read_bytes().splitlines(keepends=True)
             assert dst.read_bytes() == b"".join(lines[ln - 1] for ln in keep)
+
+
+def test_damaged_json_array_gives_error_records_and_every_record_is_accounted_for(tiny_ckpt, tmp_path):
+    good = lambda i: json.dumps({"id": f"g{i}", "conversations": [{"from": "human", "value": f"Q{i}?"},
+                                                                  {"from": "gpt", "value": "A."}]})
+    text = "[\n" + ",\n".join([good(0), '{"id": "bad", "conversations": [{"from": "human", "value": tru}]}', good(2),
+                               '"just a string"', good(4)]) + ',\n{"id": "torn", "conv'  # killed while writing
+    corpus = tmp_path / "damaged.json"
+    corpus.write_text(text)
+    scores, errors = _score(corpus, tiny_ckpt, tmp_path / "s.jsonl")
+    assert [(r["line"], r["id"]) for r in scores] == [(1, "g0"), (3, "g2"), (5, "g4")]
+    reasons = {e["line"]: e["error"] for e in errors}
+    assert sorted(reasons) == [2, 4, 6]
+    assert "invalid JSON" in reasons[2] and "expected a JSON object" in reasons[4]
+    assert "file ends inside" in reasons[6]
+    job = json.loads((tmp_path / "s.job.json").read_text())
+    assert job["lines"] == 6 and job["complete"] and job["scored"] == 3 and job["errors"] == 3
