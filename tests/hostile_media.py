@@ -2,8 +2,8 @@
 
 ``python -m tests.hostile_media DIR --make CASE...`` writes the files of each case under DIR;
 ``python -m tests.hostile_media DIR CASE[:MAX_MEDIA]...`` prepares each sample in turn in this process and prints one
-JSON line per case: wall and CPU seconds, peak RSS growth in MB over the RSS just before preparing it (``ru_maxrss``,
-the peak of the whole process), and the outcome (the error message, or the token count).
+JSON line per case: wall and CPU seconds, peak RSS growth in MB over the RSS just before preparing it (VmHWM, the
+peak of the whole process), and the outcome (the error message, or the token count).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import resource
+import signal
 import struct
 import sys
 import time
@@ -101,9 +102,18 @@ def make_case(root: Path, case: str) -> dict:
     raise ValueError(f"unknown case {case!r}")
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def _timeout(*_args) -> None:
+    raise TimeoutError("preparing the sample took over 60 s")
+
+
+def _status_mb(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process from /proc, in MB. Not ru_maxrss: Linux carries that over exec
+    from the parent (a pytest process of 600 MB would show as this process's peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def measure(root: Path, case: str, max_media: int | None = None) -> dict:
@@ -120,7 +130,13 @@ def measure(root: Path, case: str, max_media: int | None = None) -> dict:
         kw["max_media"] = max_media
     import av  # noqa: F401  (imported before the baseline, as in a scoring job)
 
-    base = _rss_mb()
+    base = _status_mb("VmRSS")
+    # Guards, so that a regression fails the test instead of taking the (shared) machine down: 2 GB more address
+    # space than now (MemoryError past it) and 60 s (TimeoutError).
+    limits = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (int((_status_mb("VmSize") + 2048) * 2**20), limits[1]))
+    signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(60)
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         out = f"ok: {prepare_sample(tok, sample, hd_num=9, max_length=16384, **kw).n_tokens} tokens"
@@ -128,8 +144,11 @@ def measure(root: Path, case: str, max_media: int | None = None) -> dict:
         out = f"SampleError: {exc}"
     except Exception as exc:  # noqa: BLE001 (what the code before the fix let through)
         out = f"{type(exc).__name__}: {exc}"
+    finally:
+        signal.alarm(0)
+        resource.setrlimit(resource.RLIMIT_AS, limits)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
     return {"case": case, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
             "peak_growth_mb": round(max(peak - base, 0.0), 1), "outcome": out[:300]}
 
@@ -140,7 +159,7 @@ if __name__ == "__main__":
         for case in sys.argv[3:]:
             (root / f"{case}.json").write_text(json.dumps(make_case(root, case)))
     else:
-        # Cases run in order in this one process; ru_maxrss only grows, so a case can only look costlier than it is.
+        # Cases run in order in this one process; the peak (VmHWM) only grows: a case can only look costlier.
         for arg in sys.argv[2:]:
             case, _, cap = arg.partition(":")
             print(json.dumps(measure(root, case, int(cap) if cap else None)), flush=True)
