@@ -164,3 +164,23 @@ def test_hostile_lines_are_cheap_to_reject(tmp_path):
         assert got["outcome"].startswith("SampleError: "), got
         # CPU time: the 2-core test machines are shared, so wall time only gets a loose bound.
         assert got["cpu_seconds"] < 2.0 and got["seconds"] < 20 and got["peak_growth_mb"] < 300, got
+
+
+def test_score_max_media_option(tmp_path, tiny_ckpt, capsys):
+    from ixc_engine.cli import main
+
+    for i in range(3):
+        _image(8, 8, i).save(tmp_path / f"p{i}.png")
+    three = {"id": "three", "messages": [{"role": "user", "content": "<ImageHere>" * 3 + "Which?"},
+                                         {"role": "assistant", "content": "The first."}],
+             "images": ["p0.png", "p1.png", "p2.png"]}
+    text = {"id": "text", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps(three) + "\n" + json.dumps(text) + "\n")
+    out = tmp_path / "out" / "scores.jsonl"
+    assert main(["score", str(corpus), "--model", str(tiny_ckpt), "-o", str(out), "--no-progress",
+                 "--max-media", "2"]) == 0
+    errors = [json.loads(x) for x in (tmp_path / "out" / "scores.errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["id"]) for e in errors] == [(1, "three")]
+    assert "sample has 3 media items, over the limit of 2 per sample (--max-media)" in errors[0]["error"]
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["text"]
