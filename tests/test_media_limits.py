@@ -184,3 +184,21 @@ def test_score_max_media_option(tmp_path, tiny_ckpt, capsys):
     assert [(e["line"], e["id"]) for e in errors] == [(1, "three")]
     assert "sample has 3 media items, over the limit of 2 per sample (--max-media)" in errors[0]["error"]
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["text"]
+
+
+@pytest.mark.parametrize(("n", "fps", "size"), [(45, 10, (64, 48)), (100, Fraction(30000, 1001), (40, 64))])
+def test_video_frames_resized_on_decode_give_the_same_crops(tmp_path, n, fps, size):
+    """process_video keeps only resized frames (not 32 full-size ones); crops equal the frames_to_canvas path."""
+    pytest.importorskip("av")
+    import torch
+
+    from ixc_engine.media.image import crops_from_canvas, to_tensor_normalized
+    from ixc_engine.media.video import frames_to_canvas, process_video, read_video, video_canvas_transform
+    from tests.test_media_video import write_video
+
+    path = tmp_path / "clip.mp4"
+    write_video(path, n, fps, size=size)
+    frames = read_video(path, backend="av").frames
+    want = crops_from_canvas(to_tensor_normalized(video_canvas_transform(frames_to_canvas(frames))), kind="video")
+    got = process_video(path, backend="av")
+    assert (got.h, got.w) == (want.h, want.w) and torch.equal(got.pixel_values, want.pixel_values)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -41,6 +42,8 @@ BACKENDS = ("decord", "av")
 
 _WHITE = (255, 255, 255)
 _BLACK = (0, 0, 0)
+
+_Keep = Callable[[Image.Image], Image.Image]
 
 
 def is_video_path(path: str | os.PathLike[str]) -> bool:
@@ -80,6 +83,7 @@ class DecodedVideo:
     n_frames: int
     fps: float
     backend: str
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each frame as decoded
 
 
 class _DecordShapeError(MediaError):
@@ -94,7 +98,7 @@ def _default_backend() -> str:
     return "decord"
 
 
-def _read_decord(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> DecodedVideo:
+def _read_decord(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS, keep: _Keep | None = None) -> DecodedVideo:
     import decord
 
     try:
@@ -104,23 +108,24 @@ def _read_decord(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Decode
     except Exception as e:  # decord raises its own DECORDError (an Exception) for every failure
         raise MediaError(f"cannot open video with decord: {e}", path=path) from e
     indices = sample_frame_indices(n_frames, fps)
-    arrays = []
+    frames, sizes = [], []
     for i in indices:
         try:
             arr = reader[i].asnumpy()
         except Exception as e:
             raise MediaError(f"cannot decode video frames with decord: {e}", path=path) from e
-        check_pixels(arr.shape[1], arr.shape[0], max_pixels, "video frame")
-        arrays.append(arr)
-    for arr in arrays:
         if arr.ndim != 3 or arr.shape[2] != 3:
             # eva-decord 0.6 mis-sizes frames of some narrow widths (48 px wide -> [H, 48, 4] of shifted bytes).
             raise _DecordShapeError(f"decord returned a frame of shape {arr.shape}, not [H, W, 3]", path=path)
-    frames = [Image.fromarray(arr) for arr in arrays]
-    return DecodedVideo(frames=frames, indices=indices, n_frames=n_frames, fps=float(fps), backend="decord")
+        check_pixels(arr.shape[1], arr.shape[0], max_pixels, "video frame")
+        frame = Image.fromarray(arr)
+        sizes.append(frame.size)
+        frames.append(frame if keep is None else keep(frame))
+    return DecodedVideo(frames=frames, indices=indices, n_frames=n_frames, fps=float(fps), backend="decord",
+                        sizes=sizes)
 
 
-def _read_av(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> DecodedVideo:
+def _read_av(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS, keep: _Keep | None = None) -> DecodedVideo:
     import av
 
     try:
@@ -137,6 +142,7 @@ def _read_av(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> DecodedVid
         indices = sample_frame_indices(n_frames, fps)
         wanted = set(indices)
         found: dict[int, Image.Image] = {}
+        sizes: dict[int, tuple[int, int]] = {}
         with av.open(path) as container:
             stream = container.streams.best("video")
             stream.thread_type = "AUTO"
@@ -144,7 +150,9 @@ def _read_av(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> DecodedVid
             for pos, frame in enumerate(container.decode(stream)):
                 if pos in wanted:
                     check_pixels(frame.width, frame.height, max_pixels, "video frame")
-                    found[pos] = Image.fromarray(frame.to_ndarray(format="rgb24"))
+                    image = Image.fromarray(frame.to_ndarray(format="rgb24"))
+                    sizes[pos] = image.size
+                    found[pos] = image if keep is None else keep(image)
                     if len(found) == len(wanted):
                         break
     except MediaError:
@@ -155,25 +163,29 @@ def _read_av(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> DecodedVid
         missing = sorted(wanted - found.keys())
         raise MediaError(f"video ended before frames {missing[:5]} (container reports {n_frames} frames)", path=path)
     frames = [found[i] for i in indices]
-    return DecodedVideo(frames=frames, indices=indices, n_frames=n_frames, fps=fps, backend="av")
+    return DecodedVideo(frames=frames, indices=indices, n_frames=n_frames, fps=fps, backend="av",
+                        sizes=[sizes[i] for i in indices])
 
 
 def read_video(
-    path: str | os.PathLike[str], backend: str | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS
+    path: str | os.PathLike[str], backend: str | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS,
+    keep: _Keep | None = None,
 ) -> DecodedVideo:
     """Decode only the frames upstream keeps (see ``sample_frame_indices``) as RGB PIL images.
 
     backend: "decord", "av", or None for decord when importable (falling back to PyAV where decord returns
-    mis-shaped frames), else PyAV. Frames over max_pixels are a MediaError.
+    mis-shaped frames), else PyAV. Frames over max_pixels are a MediaError. keep, when given, maps each decoded
+    frame to what is kept of it (process_video keeps only the resized frame, so that 32 full-size frames are never
+    held at once); ``sizes`` still gives the decoded sizes.
     """
     path = os.fspath(path)
     if backend is None:
         backend = _default_backend()
         if backend == "decord":
             try:
-                return read_video(path, "decord", max_pixels)
+                return read_video(path, "decord", max_pixels, keep)
             except _DecordShapeError:
-                return read_video(path, "av", max_pixels)
+                return read_video(path, "av", max_pixels, keep)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     p = Path(path)
@@ -182,7 +194,7 @@ def read_video(
     if not p.is_file():
         raise MediaError("not a regular file", path=path)
     try:
-        return _read_decord(path, max_pixels) if backend == "decord" else _read_av(path, max_pixels)
+        return _read_decord(path, max_pixels, keep) if backend == "decord" else _read_av(path, max_pixels, keep)
     except MediaError as e:
         if e.path is None:
             raise MediaError(str(e), path=path) from e
@@ -228,12 +240,21 @@ def frames_to_canvas(frames: list[Image.Image], font: ImageFont.FreeTypeFont | I
     """
     if not frames:
         raise MediaError("no frames to stitch")
+    return _stitch([resize_frame(frame) for frame in frames], frames[-1].size, font)
+
+
+def resize_frame(frame: Image.Image) -> Image.Image:
+    """One frame as it goes into the canvas: RGB, long side 1120 (``frame_resize_size``), bilinear."""
+    frame = frame.convert("RGB")
+    return frame.resize(frame_resize_size(*frame.size), Image.Resampling.BILINEAR)
+
+
+def _stitch(resized: list[Image.Image], last_size: tuple[int, int], font) -> Image.Image:
+    """frames_to_canvas on frames already resized; last_size is the last frame's size before resizing."""
+    if not resized:
+        raise MediaError("no frames to stitch")
     font = default_font() if font is None else font
-    resized = []
-    for frame in frames:
-        frame = frame.convert("RGB")
-        resized.append(frame.resize(frame_resize_size(*frame.size), Image.Resampling.BILINEAR))
-    last_w, last_h = frames[-1].size
+    last_w, last_h = last_size
     n = len(resized)
     if last_w > last_h:
         width = max(im.width for im in resized)
@@ -300,8 +321,8 @@ def process_video(
     path: str | os.PathLike[str], backend: str | None = None, font=None, max_pixels: int | None = MAX_IMAGE_PIXELS
 ) -> MediaCrops:
     """Full video path: sampled frames -> canvas -> 560-high strip -> normalised crops (kind='video')."""
-    frames = read_video_frames(path, backend, max_pixels)
-    strip = video_canvas_transform(frames_to_canvas(frames, font))
+    video = read_video(path, backend, max_pixels, keep=resize_frame)  # each frame resized as soon as it is decoded
+    strip = video_canvas_transform(_stitch(video.frames, video.sizes[-1], font))
     return crops_from_canvas(to_tensor_normalized(strip), kind="video")
 
 
