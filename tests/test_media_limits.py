@@ -202,3 +202,11 @@ def test_video_frames_resized_on_decode_give_the_same_crops(tmp_path, n, fps, si
     want = crops_from_canvas(to_tensor_normalized(video_canvas_transform(frames_to_canvas(frames))), kind="video")
     got = process_video(path, backend="av")
     assert (got.h, got.w) == (want.h, want.w) and torch.equal(got.pixel_values, want.pixel_values)
+
+
+def test_frame_indices_of_a_huge_reported_frame_count_are_cheap():
+    """decord reads the frame count from the container; a count of 10**12 must not build a 10**12-element list."""
+    from ixc_engine.media.video import sample_frame_indices
+
+    got = sample_frame_indices(10**12, 1.0)
+    assert got == [int(i * (10**12 / 33)) for i in range(32)]
