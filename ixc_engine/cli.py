@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-length", type=_int_at_least(1), default=None,
                    help="longest sample in tokens (default: the model's max_length, 16384 for the release); longer "
                    "samples go to the errors file, never truncated")
+    s.add_argument("--max-media", type=_int_at_least(1), default=64,
+                   help="most images and videos in one sample (default 64); a sample with more goes to the errors "
+                   "file (so does an image or video frame over 89,478,485 pixels, Pillow's decompression-bomb limit)")
     s.add_argument("--window", type=_int_at_least(1), default=64,
                    help="samples prepared and scheduled together (default 64); output is flushed every window")
     s.add_argument("--workers", type=_int_at_least(0), default=0,
@@ -206,8 +209,23 @@ def _check_outputs_apart(inputs: dict[str, Path], outputs: list[Path]) -> None:
                 raise ValueError(f"output {out} is the {what} {path}: choose another -o")
 
 
-def cmd_score(args) -> int:
+def _load_engine(args, cfg, job: JobManifest, previous: JobManifest | None, out_path: Path):
+    """Load the model (a broken checkpoint is a one-line error here) and check the dtype against a resumed job."""
     from ixc_engine.api import RewardEngine
+
+    t_load = time.perf_counter()
+    engine = RewardEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=cfg)
+    job.dtype = str(engine.engine.runner.dtype).removeprefix("torch.")
+    if previous is not None and previous.dtype not in (None, job.dtype):
+        engine.close()
+        raise ValueError(f"{out_path} was scored in {previous.dtype}, this run would use {job.dtype}: pass --dtype "
+                         f"{previous.dtype} to resume it, or --restart")
+    print(f"model loaded in {time.perf_counter() - t_load:.1f}s on {engine.engine.runner.device} "
+          f"({engine.engine.runner.dtype})", file=sys.stderr)
+    return engine
+
+
+def cmd_score(args) -> int:
     from ixc_engine.corpus import LineError, ResultWriter, count_lines, job_path_for
     from ixc_engine.engine.engine import EngineConfig
     from ixc_engine.formats.source import open_corpus
@@ -225,7 +243,7 @@ def cmd_score(args) -> int:
     _check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
     cfg = EngineConfig(
         hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window, workers=args.workers,
-        prefix_cache=not args.no_prefix_cache, max_length=args.max_length,
+        prefix_cache=not args.no_prefix_cache, max_length=args.max_length, max_media=args.max_media,
     )
     source = open_corpus(args.corpus, args.format, args.media_root)  # JSONL, JSON array or Parquet
     total_lines = source.count()
@@ -237,6 +255,9 @@ def cmd_score(args) -> int:
     if previous is not None and (diff := previous.differences(job)):
         raise ValueError(f"{out_path} holds the results of another job ({'; '.join(diff)}): use --restart to "
                          "score from scratch into it, or choose another -o")
+    engine = None
+    if mine and (previous is None or not previous.complete):  # a bad model fails here, before any output file
+        engine = _load_engine(args, cfg, job, previous, out_path)
     writer, done = ResultWriter.open(out_path, resume=not args.restart)
     if args.restart:
         job_path.unlink(missing_ok=True)
@@ -244,7 +265,9 @@ def cmd_score(args) -> int:
         print(f"warning: corpus {args.corpus} is empty", file=sys.stderr)
     if done:
         print(f"resuming: {len(done)} of {mine} lines already in {out_path} and its errors file", file=sys.stderr)
-    if len(done) >= mine:  # nothing left: no model to load
+    if len(done) >= mine:  # nothing left to score
+        if engine is not None:
+            engine.close()
         writer.close()
         job.dtype, job.complete = previous.dtype if previous else None, True
         job.errors = count_lines(writer.errors_path)
@@ -254,20 +277,13 @@ def cmd_score(args) -> int:
                           "errors_file": str(writer.errors_path)}), file=sys.stderr)
         return 0
 
-    t_load = time.perf_counter()
-    try:
-        engine = RewardEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=cfg)
-    except BaseException:
-        writer.close()
-        raise
-    job.dtype = str(engine.engine.runner.dtype).removeprefix("torch.")
-    if previous is not None and previous.dtype not in (None, job.dtype):
-        writer.close()
-        raise ValueError(f"{out_path} was scored in {previous.dtype}, this run would use {job.dtype}: pass --dtype "
-                         f"{previous.dtype} to resume it, or --restart")
+    if engine is None:
+        try:
+            engine = _load_engine(args, cfg, job, previous, out_path)
+        except BaseException:
+            writer.close()
+            raise
     job.save(job_path)
-    print(f"model loaded in {time.perf_counter() - t_load:.1f}s on {engine.engine.runner.device} "
-          f"({engine.engine.runner.dtype})", file=sys.stderr)
 
     def todo():
         for ln, item in source.records(shard=args.shard):
