@@ -196,8 +196,11 @@ def _attention(q, k, v, ctx: ForwardContext, layer_idx: int, scale: float) -> to
         vc = kc
     if ctx.backend == "triton" and ctx.attn_plan is None:  # one metadata check + work table for all layers
         ctx.attn_plan = plan_paged_prefix_attention(q, k, v, kc, vc, tables, prefix, ctx.cu_seqlens, scale=scale)
+    # host copies of the lengths: read only on meta tensors (bench/roofline.py), which carry no values
+    prefix_host = [t - n for t, n in zip(ctx.seq_lens_total, ctx.new_lens)] if ctx.has_prefix else None
+    prefix_host = prefix_host or [0] * len(ctx.new_lens)
     return paged_prefix_attention(q, k, v, kc, vc, tables, prefix, ctx.cu_seqlens, scale=scale, backend=ctx.backend,
-                                  plan=ctx.attn_plan)
+                                  plan=ctx.attn_plan, host_lens=(ctx.new_lens, prefix_host))
 
 
 class FeedForward(nn.Module):
