@@ -108,10 +108,21 @@ _SCATTER = {aten.index_add_.default, aten.index_copy_.default, aten.index_put_.d
 # Gathers: they read only the rows of their table (first argument) that they return.
 _GATHER = {aten.embedding.default, aten.index_select.default, aten.index.Tensor}
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+_MM = {aten.mm.default, aten.mm.out, aten.addmm.default}
 
 
-def _tensors(tree) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+def _tensors(tree, acc: list | None = None) -> list[torch.Tensor]:
+    """The tensors in nested lists, tuples and dicts (a faster tree_flatten for op arguments)."""
+    acc = [] if acc is None else acc
+    if isinstance(tree, torch.Tensor):
+        acc.append(tree)
+    elif isinstance(tree, (list, tuple)):
+        for t in tree:
+            _tensors(t, acc)
+    elif isinstance(tree, dict):
+        for t in tree.values():
+            _tensors(t, acc)
+    return acc
 
 
 def _size(t: torch.Tensor) -> int:
@@ -127,6 +138,7 @@ class Op:
     h2d: bool = False
     in_layer: bool = False
     triton: bool = False  # a Triton launch (or the flash kernel SDPA picks), not an aten op
+    plora_share: float = 0.0  # a base GEMM with PLoRA's B fused in (K = rank + in): B's share of its FLOPs
 
 
 def attention_pairs(lq: int, lk: int, causal: bool) -> int:
@@ -154,14 +166,19 @@ def _sdpa_as_flash(rec: Recorder, args, kwargs) -> torch.Tensor:
 class Recorder(TorchDispatchMode):
     """Records every device op of the run it wraps, tagged with the module scope it ran in."""
 
-    def __init__(self, unscoped: str = "other") -> None:
+    def __init__(self, unscoped: str = "other", cfg: ModelConfig | None = None) -> None:
         super().__init__()
+        # PLoRA rank and the linears' input widths: to tell PLoRA's share of the fused GEMMs
+        self.rank = cfg.plora_rank if cfg is not None else 0
+        self.in_features = {cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size} if cfg \
+            else set()
         self.unscoped = unscoped  # the part of non-matmul ops outside the model's modules
         self.ops: list[Op] = []
         self.scope: list[str] = []
         self.in_ops_seconds = 0.0  # wall time inside device ops (meta kernels run in Python here, not on a GPU)
         self._depth = 0
         self._cache: dict = {}
+        self.n_dispatch = 0  # ops that entered this mode from the traced code
 
     # --- module scopes (forward hooks on the modules of the model) ---------------------------------------------
     def attach(self, model: torch.nn.Module) -> list:
@@ -196,9 +213,10 @@ class Recorder(TorchDispatchMode):
             return "base_gemm" if flops else "glue"
         return "base_gemm" if flops else self.unscoped
 
-    def _add(self, name: str, flops: int, nbytes: int, h2d: bool = False, triton: bool = False) -> None:
-        self.ops.append(Op(name, self.classify(name, flops, h2d), flops, nbytes, h2d, "DecoderLayer" in self.scope,
-                           triton))
+    def _add(self, name: str, flops: int, nbytes: int, h2d: bool = False, triton: bool = False, part: str | None = None,
+             plora_share: float = 0.0) -> None:
+        self.ops.append(Op(name, part or self.classify(name, flops, h2d), flops, nbytes, h2d,
+                           "DecoderLayer" in self.scope, triton, plora_share))
 
     def record_kernel(self, name: str, flops: int, nbytes: int, triton: bool = True) -> None:
         """Called by the Triton host wrappers on meta tensors (ixc_engine.kernels._meta.record_launch)."""
@@ -210,6 +228,7 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if self._depth:
             return self._dispatch(func, args, kwargs)
+        self.n_dispatch += 1
         t0 = time.thread_time()
         self._depth += 1
         try:
@@ -271,14 +290,25 @@ class Recorder(TorchDispatchMode):
         fn = flop_registry.get(func.overloadpacket)
         if fn is not None:
             flops = int(fn(*args, **kwargs, out_val=out))
-        if func in _SCATTER:  # self is read and written only where indexed: twice the source's size
-            nbytes = sum(_size(t) for t in ins[1:]) + 2 * _size(ins[-1])
-        elif func in _GATHER:  # the table is read only where indexed: as much as the output
-            nbytes = sum(_size(t) for t in ins[1:]) + 2 * sum(_size(t) for t in outs)
-        else:
-            nbytes = sum(_size(t) for t in ins) + sum(_size(t) for t in outs)
-        self._add(str(func.overloadpacket), flops, nbytes)
+        if flops and "PLoRALinear" in self.scope and func in _MM and self.rank:
+            a, b = (args[1], args[2]) if func is aten.addmm.default else (args[0], args[1])
+            if b.shape[1] == self.rank:  # PLoRA A (fused layout: A x is its own small GEMM)
+                self._add("plora_A." + str(func.overloadpacket), flops, self._bytes(func, ins, outs), part="plora_gemm")
+                return out
+            if a.shape[1] > self.rank and a.shape[1] - self.rank in self.in_features:  # [a | x] @ [B | W]^T
+                self._add(str(func.overloadpacket), flops, self._bytes(func, ins, outs),
+                          plora_share=self.rank / a.shape[1])
+                return out
+        self._add(str(func.overloadpacket), flops, self._bytes(func, ins, outs))
         return out
+
+    @staticmethod
+    def _bytes(func, ins, outs) -> int:
+        if func in _SCATTER:  # self is read and written only where indexed: twice the source's size
+            return sum(_size(t) for t in ins[1:]) + 2 * _size(ins[-1])
+        if func in _GATHER:  # the table is read only where indexed: as much as the output
+            return sum(_size(t) for t in ins[1:]) + 2 * sum(_size(t) for t in outs)
+        return sum(_size(t) for t in ins) + sum(_size(t) for t in outs)
 
 
 # --- the model of time ---------------------------------------------------------------------------------------------
@@ -322,10 +352,14 @@ def summarise(m: Measured, a: Assumptions, gpu: str, ceiling: float) -> dict:
         t = op_seconds(op, a, gpu)
         total += t
         p = parts[op.part]
-        p["us_per_token"] += t * 1e6 / m.tokens
+        f = op.plora_share  # a base GEMM with PLoRA B fused in: B's share of time and FLOPs goes to PLoRA GEMMs
+        p["us_per_token"] += (1 - f) * t * 1e6 / m.tokens
         p["launches"] += 1
-        p["flops"] += op.flops
+        p["flops"] += round((1 - f) * op.flops)
         p["bytes"] += op.nbytes
+        if f:
+            parts["plora_gemm"]["us_per_token"] += f * t * 1e6 / m.tokens
+            parts["plora_gemm"]["flops"] += round(f * op.flops)
     us = total * 1e6 / m.tokens
     for p in parts.values():
         p["share"] = p["us_per_token"] / us
@@ -406,10 +440,35 @@ def _engine(model, tok: Tokenizer, a: Assumptions, prefix_cache: bool) -> Scorin
     return ScoringEngine(runner, tok, str(PACKAGED_TOKENIZER), model.cfg.pooling, model.cfg.max_length, cfg)
 
 
-def _record(model, fn, unscoped: str = "other") -> tuple[Recorder, float]:
-    """Run fn() under the recorder; returns it and the host seconds: the run's wall time less the time inside device
-    ops (meta kernels, which run in Python here and on the GPU there) and less the recorder's own bookkeeping."""
-    rec = Recorder(unscoped)
+class _PassThrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def dispatch_overhead_s(n: int = 3000) -> float:
+    """CPU seconds a dispatch mode adds to each op outside its own __torch_dispatch__ body (entering and leaving
+    Python): measured here, as the thread time of n meta ops under a pass-through mode less without one."""
+    x = torch.empty(8, device=META)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.thread_time()
+        for _ in range(n):
+            torch.neg(x)
+        plain = time.thread_time() - t0
+        with _PassThrough():
+            t0 = time.thread_time()
+            for _ in range(n):
+                torch.neg(x)
+            moded = time.thread_time() - t0
+        best = min(best, max(moded - plain, 0.0) / n)
+    return best
+
+
+def _record(model, fn, unscoped: str = "other", overhead_s: float = 0.0) -> tuple[Recorder, float]:
+    """Run fn() under the recorder; returns it and the host seconds: the run's CPU time less the time inside device
+    ops (meta kernels, which run in Python here and on the GPU there), less the recorder's own bookkeeping and less
+    `overhead_s` per op for entering the mode (see dispatch_overhead_s)."""
+    rec = Recorder(unscoped, model.cfg)
     handles = rec.attach(model)
     try:
         t0 = time.thread_time()  # CPU time of this thread: the figure does not depend on the machine's load
@@ -419,21 +478,23 @@ def _record(model, fn, unscoped: str = "other") -> tuple[Recorder, float]:
     finally:
         for h in handles:
             h.remove()
-    return rec, wall - rec.in_ops_seconds
+    return rec, max(wall - rec.in_ops_seconds - rec.n_dispatch * overhead_s, 0.0)
 
 
-def run_engine(model, tok, preps: list[PreparedSample], a: Assumptions, prefix_cache: bool) -> Measured:
+def run_engine(model, tok, preps: list[PreparedSample], a: Assumptions, prefix_cache: bool,
+               overhead_s: float = 0.0) -> Measured:
     """One engine run (fresh engine: cold prefix and media caches)."""
     eng = _engine(model, tok, a, prefix_cache)
-    rec, host = _record(model, lambda: eng.score_prepared(preps))
+    rec, host = _record(model, lambda: eng.score_prepared(preps), overhead_s=overhead_s)
     layers = model.cfg.num_hidden_layers * eng.stats.batches
     return Measured(rec.ops, eng.stats.tokens_computed, len(preps), eng.stats.batches, layers, host)
 
 
-def run_baseline(model, preps: list[PreparedSample], a: Assumptions, tok: Tokenizer) -> Measured:
+def run_baseline(model, preps: list[PreparedSample], a: Assumptions, tok: Tokenizer,
+                 overhead_s: float = 0.0) -> Measured:
     base = UpstreamBaseline(model, tok, hd_num=a.hd_num, batch_size=a.baseline_batch)
     # the baseline calls the weights' F.linear directly (no module scopes): its GEMMs are all "base", the rest glue
-    rec, host = _record(model, lambda: base.score_prepared(preps), unscoped="glue")
+    rec, host = _record(model, lambda: base.score_prepared(preps), unscoped="glue", overhead_s=overhead_s)
     layers = model.cfg.num_hidden_layers * base.stats.batches
     return Measured(rec.ops, base.stats.tokens, len(preps), base.stats.batches, layers, host)
 
@@ -443,6 +504,7 @@ class Report:
     assumptions: Assumptions
     ceiling: float
     runs: dict[str, Measured] = field(default_factory=dict)
+    dispatch_overhead_s: float = 0.0
 
     def as_dict(self) -> dict:
         a = self.assumptions
@@ -456,6 +518,7 @@ class Report:
             out[gpu] = g
         out["assumptions"] = asdict(a)
         out["ceiling_tokens_per_s"] = self.ceiling
+        out["host_dispatch_overhead_us"] = self.dispatch_overhead_s * 1e6  # measured, subtracted per recorded op
         out["ceiling_formula"] = ("ceiling_flops_per_s / (2 * (P_linears + P_plora)) with P from the release config: "
                                   "decoder linears (wqkv, wo, w1, w3, w2 of all layers) and PLoRA A + B")
         return out
@@ -470,10 +533,11 @@ def measure(a: Assumptions | None = None, cfg: ModelConfig | None = None) -> Rep
     corpus = corpus_workload(tok, a)
     bon = bon_workload(tok, a)
     with torch.inference_mode():  # as the runner and the baseline run
-        rep.runs["corpus"] = run_engine(model, tok, corpus, a, prefix_cache=True)
-        rep.runs["bon8_on"] = run_engine(model, tok, bon, a, prefix_cache=True)
-        rep.runs["bon8_off"] = run_engine(model, tok, bon, a, prefix_cache=False)
-        rep.runs["baseline_corpus"] = run_baseline(model, corpus, a, tok)
+        ov = rep.dispatch_overhead_s = dispatch_overhead_s()
+        rep.runs["corpus"] = run_engine(model, tok, corpus, a, prefix_cache=True, overhead_s=ov)
+        rep.runs["bon8_on"] = run_engine(model, tok, bon, a, prefix_cache=True, overhead_s=ov)
+        rep.runs["bon8_off"] = run_engine(model, tok, bon, a, prefix_cache=False, overhead_s=ov)
+        rep.runs["baseline_corpus"] = run_baseline(model, corpus, a, tok, overhead_s=ov)
     return rep
 
 
@@ -484,7 +548,7 @@ def table(d: dict, title: str) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for key, label in PARTS.items():
         p = d["parts"][key]
-        if not p["launches"]:
+        if not p["launches"] and not p["us_per_token"]:
             continue
         lines.append(f"| {label} | {p['us_per_token']:.2f} | {100 * p['share']:.0f}% | {p['launches']} | "
                      f"{p['flops'] / d['tokens'] / 1e9:.2f} | {p['bytes'] / d['tokens'] / 1e6:.2f} |")

@@ -144,7 +144,7 @@ def test_op_time_rule():
 @pytest.fixture(scope="module")
 def release_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("roofline") / "roofline.json"
-    assert main(["--json", str(path), "--corpus-samples", "8"]) == 0
+    assert main(["--json", str(path)]) == 0
     return json.loads(path.read_text())
 
 
@@ -155,10 +155,12 @@ def test_roofline_runs_the_release_shape(release_model):
     for gpu in ("H100", "H200"):
         c = out[gpu]["corpus"]
         assert c["label"] == "model"
-        assert c["tokens"] > 8 * 2500 and c["samples"] == 8
+        assert c["tokens"] > 12 * 2500 and c["samples"] == 12
         assert sum(p["us_per_token"] for p in c["parts"].values()) == pytest.approx(c["us_per_token"])
         assert c["tokens_per_s"] == pytest.approx(1e6 / c["us_per_token"])
         assert c["parts"]["base_gemm"]["flops"] / c["tokens"] == pytest.approx(2 * 6.98e9, rel=0.01)
+        # PLoRA A + B on every row of the mostly-image batches (B times zero on the text rows)
+        assert c["parts"]["plora_gemm"]["flops"] / c["tokens"] == pytest.approx(2 * 0.604e9, rel=0.01)
         assert c["parts"]["attention"]["launches"] > 0 and c["parts"]["vit"]["flops"] > 0
         assert c["launches_per_decoder_layer"] > 5
         assert 0 < c["host_over_device"]
@@ -168,3 +170,14 @@ def test_roofline_runs_the_release_shape(release_model):
     assert out["H200"]["corpus"]["us_per_token"] < out["H100"]["corpus"]["us_per_token"]
     printed = render(out)
     assert "MODEL" in printed and printed.count("model:") >= 8
+
+
+def test_the_model_meets_issue_10s_targets(release_model):
+    """What the code must keep the model saying (issue 10): >= 60% of the ceiling on the corpus on an H100 and
+    best-of-8 sharing on/off >= 4x. The host share is measured on the machine that runs this, so it is printed by
+    the script but not asserted here."""
+    h100 = release_model["H100"]
+    assert h100["corpus"]["pct_of_ceiling"] >= 60
+    assert h100["bon8"]["on_over_off"] >= 4
+    assert h100["corpus"]["us_per_token"] < h100["baseline_corpus"]["us_per_token"]
+    assert h100["corpus"]["launches_per_decoder_layer"] <= 25

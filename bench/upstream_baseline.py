@@ -146,7 +146,19 @@ class UpstreamBaseline:
 
     # --- one padded batch -----------------------------------------------------------------------------------------
     def _embed(self, p: PreparedSample) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings `[n, H]` and im_mask `[n]` of one sample; each image through the ViT on its own."""
+        """Embeddings `[n, H]` and im_mask `[n]` of one sample; each image through the ViT on its own, with the
+        ViT's own eager ops (not the engine's fused kernels, should an engine have set them on the shared model)."""
+        mlps = [layer.mlp for layer in self.model.vit.vision_tower.vision_model.encoder.layers]
+        saved = [m.fused_act for m in mlps]
+        for m in mlps:
+            m.fused_act = None
+        try:
+            return self._embed_eager(p)
+        finally:
+            for m, f in zip(mlps, saved):
+                m.fused_act = f
+
+    def _embed_eager(self, p: PreparedSample) -> tuple[torch.Tensor, torch.Tensor]:
         emb_table = self.model.model.tok_embeddings.weight
         parts, masks = [], []
         for piece in p.pieces:

@@ -411,7 +411,7 @@ def plan_paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_
 # --------------------------------------------------------------------------------------------------------------------
 def paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, *, scale: float,
                            backend: str = "auto", plan: PagedAttentionPlan | None = None,
-                           host_lens: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
+                           host_lens: tuple[list[int], list[int]] | None = None, out=None) -> torch.Tensor:
     """Attention of packed new tokens over their cached prefix pages and themselves (causal). Returns [Tq, Hq, D].
 
     backend: "auto" (the Triton kernel on CUDA, or on CPU when Triton's interpreter is on, for the head dims and
@@ -420,10 +420,14 @@ def paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens,
     host_lens: (new tokens, prefix length) per sequence as python ints, the values of cu_seqlens_q's differences and
     prefix_lens. Only read on `meta` tensors (the roofline model, see _meta.py), which carry no values: the launch is
     then recorded with its FLOPs and bytes, and an empty result returned.
+    out: a [Tq, Hq, D] tensor (unit stride on D, any token and head strides) to write the result into.
     """
+    if out is not None:
+        _check_out(out, q, k)
     if is_meta(q):
-        return _paged_prefix_attention_meta(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q,
-                                            scale, host_lens)
+        res = _paged_prefix_attention_meta(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q,
+                                           scale, host_lens)
+        return res if out is None else out
     unsupported = None  # bad dtypes and shapes are left to the argument checks of either path
     if isinstance(q, torch.Tensor) and q.dim() and (not _is_pow2(q.shape[-1]) or not 16 <= q.shape[-1] <= 256):
         unsupported = f"head dim {q.shape[-1]} (the kernel takes powers of two in [16, 256])"
@@ -431,8 +435,9 @@ def paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens,
     backend = resolve_backend("paged_prefix_attention", backend, globals().get("_paged_prefix_attn_kernel"), device,
                               unsupported)
     if backend == "torch":
-        return paged_prefix_attention_ref(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q,
-                                          scale=scale)
+        res = paged_prefix_attention_ref(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q,
+                                         scale=scale)
+        return res if out is None else out.copy_(res)
     s = _check_args(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, scale)
     if plan is None:
         plan = plan_paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q,
@@ -443,7 +448,8 @@ def paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens,
     # The kernel indexes the int32 metadata with unit strides (and block_tables with unit column stride).
     block_tables, prefix_lens, cu_seqlens_q = (t.contiguous() for t in (block_tables, prefix_lens, cu_seqlens_q))
     group = s.num_q_heads // s.num_kv_heads
-    out = torch.empty((s.num_tokens, s.num_q_heads, s.head_dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((s.num_tokens, s.num_q_heads, s.head_dim), dtype=q.dtype, device=q.device)
     if s.num_tokens == 0:
         return out
     if q.dim() == 4:
@@ -466,6 +472,14 @@ def paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return out
+
+
+def _check_out(out, q, k) -> None:
+    hq = q.shape[1] * q.shape[2] if q.dim() == 4 else q.shape[1]
+    want = (k.shape[0], hq, k.shape[2])
+    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != q.dtype
+            or out.device != q.device or out.stride(-1) != 1):
+        raise ValueError(f"out must be a {want} {q.dtype} tensor on {q.device} with unit stride on the head dim")
 
 
 def paged_attention_flops(new_lens: list[int], prefix_lens: list[int], num_q_heads: int, head_dim: int) -> int:

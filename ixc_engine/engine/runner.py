@@ -55,6 +55,10 @@ class ModelRunner:
     _media_cache: dict = field(default_factory=dict)
     stats: RunnerStats = field(default_factory=RunnerStats)
 
+    def __post_init__(self) -> None:
+        if self.backend == "triton":  # the GPU path's fused layout of the PLoRA weights (views: names unchanged)
+            self.model.prepare_for_inference(self.backend)
+
     # --- KV cache -------------------------------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         cfg = self.model.cfg
