@@ -80,7 +80,7 @@ class Assumptions:
     max_batch_tokens: int = 16384  # EngineConfig default
     bon_n: int = 8
     bon_image: tuple[int, int] = (1920, 1080)  # 2861 image tokens at hd_num 9
-    bon_reply_words: int = 220  # ~300 tokens a reply
+    bon_reply_words: int = 290  # ~300 tokens a reply (a word of WORDS is about one token)
     baseline_batch: int = 4  # the baseline's right-padded batch (bench_e2e's GPU default)
 
     def hbm(self, gpu: str) -> float:
