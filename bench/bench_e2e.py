@@ -456,7 +456,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hd-num", type=int, default=9)
     ap.add_argument("--baseline-batch", type=int, default=None,
                     help="samples per right-padded baseline batch (default 4; 0: the whole request as upstream, which "
-                    "needs ~10 bytes x 32 heads x B x L^2 for eager attention: over 50 GB for 16 x 3.2k tokens)")
+                    "on a CPU needs ~10 bytes x 32 heads x B x L^2 for eager attention: over 50 GB for 16 x 3.2k "
+                    "tokens; on a GPU the baseline attends with flash attention per sequence, as upstream)")
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--workers", type=int, default=0, help="engine preprocessing processes (EngineConfig.workers)")
     ap.add_argument("--window", type=int, default=EngineConfig().window,
@@ -519,7 +520,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"peak: {peak / 1e12:.2f} TFLOP/s ({peak_how}); LLM linear FLOPs per token {per_tok:.3e} -> at most "
           f"{peak / per_tok:.0f} tokens/s before attention, ViT and PLoRA", flush=True)
     print("FLOP rule: " + FLOP_RULE, flush=True)
-    print(f"baseline: right-padded batches of {args.baseline_batch or 'the whole request'} samples, eager attention, "
+    attn = "eager attention" if dev.type == "cpu" else "flash attention per sequence"
+    print(f"baseline: right-padded batches of {args.baseline_batch or 'the whole request'} samples, {attn}, "
           f"per-image ViT; engine: max_batch_tokens {args.max_batch_tokens}, workers {args.workers}, window "
           f"{args.window}", flush=True)
     b = Bench(model, str(PACKAGED_TOKENIZER), dev, args.hd_num, args.max_batch_tokens, args.baseline_batch,

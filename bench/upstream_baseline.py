@@ -5,9 +5,12 @@ Only the algorithm differs from the engine; weights (`IXCRewardModel` modules), 
 - the ViT runs once per image, on that image's crops only (no batching across samples, no dedup of equal images);
 - the request's sequences are right-padded to the longest one and run as one `[B, L, H]` batch (`batch_size`
   splits a request into consecutive padded batches when the whole request does not fit in memory);
-- eager attention: `q @ k^T * scale` in the model dtype, plus an additive causal+padding mask (dtype minimum),
-  softmax in fp32 cast back, `@ v`; GQA by repeating K/V heads;
-- PLoRA through a boolean `im_mask` over the padded batch (`res[im_mask] += B(A(x[im_mask]))`);
+- attention as upstream runs it: on a GPU flash attention (upstream's config falls back to flash_attention_2,
+  which unpads each sequence and runs causal flash attention over its real tokens; here SDPA's flash kernel per
+  sequence, GQA without repeating K/V); on a CPU eager attention: `q @ k^T * scale` in the model dtype, plus an
+  additive causal+padding mask (dtype minimum), softmax in fp32 cast back, `@ v`, GQA by repeating K/V heads;
+- PLoRA on the padded batch's image positions (`res[im_mask] += B(A(x[im_mask]))`; the positions are indexed by
+  their flat offsets, known on the host, instead of the boolean mask: the same gather, add and scatter);
 - RoPE over positions 0..L-1 with the dynamic-NTK base of the padded length L;
 - the final norm and the score head on EVERY position, then a gather at each row's last real token;
 - no prefix reuse: best-of-N candidates re-encode the shared prompt and image N times.
@@ -44,14 +47,37 @@ def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _plora(x: torch.Tensor, lin, im_mask: torch.Tensor, any_image: bool) -> torch.Tensor:
-    """`lin` is an engine PLoRALinear; only its weights are used. x `[B, L, in]`, im_mask bool `[B, L]`."""
+def _plora(x: torch.Tensor, lin, im_idx: torch.Tensor | None) -> torch.Tensor:
+    """`lin` is an engine PLoRALinear; only its weights are used. x `[B, L, in]`, im_idx int64 flat positions
+    `b * L + j` of the image tokens (None: no image in the batch)."""
     res = F.linear(x, lin.weight)
-    if any_image:
-        part = x[im_mask]
+    if im_idx is not None:
+        flat = res.view(-1, res.shape[-1])
+        part = x.reshape(-1, x.shape[-1])[im_idx]
         delta = F.linear(F.linear(part, lin.Plora_A.weight), lin.Plora_B.weight)
-        res[im_mask] += (delta * lin.scale) if lin.scale != 1.0 else delta
+        flat[im_idx] += (delta * lin.scale) if lin.scale != 1.0 else delta
     return res
+
+
+def _flash_attention(q, k, v, lens: list[int]) -> torch.Tensor:
+    """Upstream's flash_attention_2 path on a right-padded batch: causal flash attention over each sequence's real
+    tokens (q `[B, Hq, L, D]`, k/v `[B, Hkv, L, D]`); padded positions get zeros. Returns `[B, Hq, L, D]`."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = torch.zeros_like(q)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if q.is_cuda else _nullcontext():
+        for b, n in enumerate(lens):
+            out[b:b + 1, :, :n] = F.scaled_dot_product_attention(q[b:b + 1, :, :n], k[b:b + 1, :, :n],
+                                                                 v[b:b + 1, :, :n], is_causal=True, enable_gqa=True)
+    return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _rotate_half(t: torch.Tensor) -> torch.Tensor:
@@ -120,7 +146,19 @@ class UpstreamBaseline:
 
     # --- one padded batch -----------------------------------------------------------------------------------------
     def _embed(self, p: PreparedSample) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings `[n, H]` and im_mask `[n]` of one sample; each image through the ViT on its own."""
+        """Embeddings `[n, H]` and im_mask `[n]` of one sample; each image through the ViT on its own, with the
+        ViT's own eager ops (not the engine's fused kernels, should an engine have set them on the shared model)."""
+        mlps = [layer.mlp for layer in self.model.vit.vision_tower.vision_model.encoder.layers]
+        saved = [m.fused_act for m in mlps]
+        for m in mlps:
+            m.fused_act = None
+        try:
+            return self._embed_eager(p)
+        finally:
+            for m, f in zip(mlps, saved):
+                m.fused_act = f
+
+    def _embed_eager(self, p: PreparedSample) -> tuple[torch.Tensor, torch.Tensor]:
         emb_table = self.model.model.tok_embeddings.weight
         parts, masks = [], []
         for piece in p.pieces:
@@ -145,22 +183,26 @@ class UpstreamBaseline:
         B, L, Hd = len(seqs), max(lens), cfg.hidden_size
         pad = model.model.tok_embeddings.weight[cfg.pad_token_id]
         x = pad.expand(B, L, Hd).clone()
-        im_mask = torch.zeros(B, L, dtype=torch.bool, device=dev)
         valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
-        for b, (e, m) in enumerate(seqs):
+        for b, (e, _) in enumerate(seqs):
             x[b, : e.shape[0]] = e
-            im_mask[b, : e.shape[0]] = m
             valid[b, : e.shape[0]] = True
-        any_image = bool(im_mask.any())
+        # image positions from the host-side layout (the same positions as the per-sample masks)
+        img = [b * L + j for b, p in enumerate(preps) for s, e, piece in p.segments() if not isinstance(piece, list)
+               for j in range(s, e)]
+        im_idx = torch.tensor(img, dtype=torch.long).to(dev) if img else None
         self.stats.samples += B
         self.stats.tokens += sum(lens)
         self.stats.padded_tokens += B * L
         self.stats.batches += 1
 
-        # Additive mask [B, 1, L, L]: 0 where key j <= query i and j is a real token, the dtype minimum elsewhere.
-        keep = torch.tril(torch.ones(L, L, dtype=torch.bool, device=dev))[None, None] & valid[:, None, None, :]
-        mask = torch.zeros(B, 1, L, L, dtype=dt, device=dev).masked_fill_(~keep, torch.finfo(dt).min)
-        del keep
+        flash = dev.type != "cpu"  # upstream attends with flash attention on a GPU, eagerly on a CPU
+        mask = None
+        if not flash:
+            # Additive mask [B, 1, L, L]: 0 where key j <= query i and j is a real token, the dtype minimum elsewhere.
+            keep = torch.tril(torch.ones(L, L, dtype=torch.bool, device=dev))[None, None] & valid[:, None, None, :]
+            mask = torch.zeros(B, 1, L, L, dtype=dt, device=dev).masked_fill_(~keep, torch.finfo(dt).min)
+            del keep
 
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         groups = cfg.num_kv_groups
@@ -172,22 +214,26 @@ class UpstreamBaseline:
         for layer in model.model.layers:
             att, ffn = layer.attention, layer.feed_forward
             h = _rmsnorm(x, layer.attention_norm.weight, eps)
-            qkv = _plora(h, att.wqkv, im_mask, any_image).view(B, L, nkv, groups + 2, hd)
+            qkv = _plora(h, att.wqkv, im_idx).view(B, L, nkv, groups + 2, hd)
             q = qkv[:, :, :, :groups].reshape(B, L, nh, hd).transpose(1, 2)  # [B, Hq, L, D]
             k = qkv[:, :, :, -2].transpose(1, 2)  # [B, Hkv, L, D]
             v = qkv[:, :, :, -1].transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-            w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(hd) + mask
-            w = torch.softmax(w, dim=-1, dtype=torch.float32).to(dt)
-            o = torch.matmul(w, v).transpose(1, 2).reshape(B, L, nh * hd)
-            del w, q, k, v, qkv
-            x = x + _plora(o, att.wo, im_mask, any_image)
+            if flash:
+                o = _flash_attention(q, k, v, lens).transpose(1, 2).reshape(B, L, nh * hd)
+            else:
+                k = k.repeat_interleave(groups, dim=1)
+                v = v.repeat_interleave(groups, dim=1)
+                w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(hd) + mask
+                w = torch.softmax(w, dim=-1, dtype=torch.float32).to(dt)
+                o = torch.matmul(w, v).transpose(1, 2).reshape(B, L, nh * hd)
+                del w
+            del q, k, v, qkv
+            x = x + _plora(o, att.wo, im_idx)
             h = _rmsnorm(x, layer.ffn_norm.weight, eps)
-            g = F.silu(_plora(h, ffn.w1, im_mask, any_image)) * _plora(h, ffn.w3, im_mask, any_image)
-            x = x + _plora(g, ffn.w2, im_mask, any_image)
+            g = F.silu(_plora(h, ffn.w1, im_idx)) * _plora(h, ffn.w3, im_idx)
+            x = x + _plora(g, ffn.w2, im_idx)
         x = _rmsnorm(x, model.model.norm.weight, eps)
         scores = F.linear(x, model.score.weight).float()[..., 0]  # [B, L]: the head on every position
         if cfg.pooling == "mean":
@@ -195,4 +241,4 @@ class UpstreamBaseline:
         else:
             last = valid.long().cumsum(1).argmax(1)  # index of each row's last real token
             per = scores.gather(1, last[:, None])[:, 0]
-        return per.cpu().tolist()
+        return [float("nan")] * B if per.is_meta else per.cpu().tolist()  # meta: bench/roofline.py's model

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ._backend import resolve_backend
+from ._meta import is_meta, nbytes, record_launch
 
 try:
     import triton
@@ -388,7 +389,8 @@ def plan_paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_
     tile, power of two >= 16), num_warps and num_stages override the defaults; block_m * next_pow2(Hq/Hkv) >= 16.
     """
     s = _check_args(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, scale)
-    _check_metadata_values(block_tables, prefix_lens, cu_seqlens_q, s)
+    if not is_meta(q):  # meta tensors (the roofline model) carry no values to check
+        _check_metadata_values(block_tables, prefix_lens, cu_seqlens_q, s)
     group_pad = _next_pow2(s.num_q_heads // s.num_kv_heads)
     dm, dn, dw, ds = _default_blocks(s.head_dim, group_pad, q.dtype, q.is_cuda)
     block_m = dm if block_m is None else block_m
@@ -408,13 +410,24 @@ def plan_paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_
 # Public API
 # --------------------------------------------------------------------------------------------------------------------
 def paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, *, scale: float,
-                           backend: str = "auto", plan: PagedAttentionPlan | None = None) -> torch.Tensor:
+                           backend: str = "auto", plan: PagedAttentionPlan | None = None,
+                           host_lens: tuple[list[int], list[int]] | None = None, out=None) -> torch.Tensor:
     """Attention of packed new tokens over their cached prefix pages and themselves (causal). Returns [Tq, Hq, D].
 
     backend: "auto" (the Triton kernel on CUDA, or on CPU when Triton's interpreter is on, for the head dims and
     dtypes it takes; the reference otherwise), "triton" (on CPU needs TRITON_INTERPRET=1 before import), "torch".
     plan: from `plan_paged_prefix_attention` on the same metadata tensors; skips the per-call metadata value checks.
+    host_lens: (new tokens, prefix length) per sequence as python ints, the values of cu_seqlens_q's differences and
+    prefix_lens. Only read on `meta` tensors (the roofline model, see _meta.py), which carry no values: the launch is
+    then recorded with its FLOPs and bytes, and an empty result returned.
+    out: a [Tq, Hq, D] tensor (unit stride on D, any token and head strides) to write the result into.
     """
+    if out is not None:
+        _check_out(out, q, k)
+    if is_meta(q):
+        res = _paged_prefix_attention_meta(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q,
+                                           scale, host_lens)
+        return res if out is None else out
     unsupported = None  # bad dtypes and shapes are left to the argument checks of either path
     if isinstance(q, torch.Tensor) and q.dim() and (not _is_pow2(q.shape[-1]) or not 16 <= q.shape[-1] <= 256):
         unsupported = f"head dim {q.shape[-1]} (the kernel takes powers of two in [16, 256])"
@@ -422,8 +435,9 @@ def paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens,
     backend = resolve_backend("paged_prefix_attention", backend, globals().get("_paged_prefix_attn_kernel"), device,
                               unsupported)
     if backend == "torch":
-        return paged_prefix_attention_ref(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q,
-                                          scale=scale)
+        res = paged_prefix_attention_ref(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q,
+                                         scale=scale)
+        return res if out is None else out.copy_(res)
     s = _check_args(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, scale)
     if plan is None:
         plan = plan_paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q,
@@ -434,7 +448,8 @@ def paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens,
     # The kernel indexes the int32 metadata with unit strides (and block_tables with unit column stride).
     block_tables, prefix_lens, cu_seqlens_q = (t.contiguous() for t in (block_tables, prefix_lens, cu_seqlens_q))
     group = s.num_q_heads // s.num_kv_heads
-    out = torch.empty((s.num_tokens, s.num_q_heads, s.head_dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((s.num_tokens, s.num_q_heads, s.head_dim), dtype=q.dtype, device=q.device)
     if s.num_tokens == 0:
         return out
     if q.dim() == 4:
@@ -456,6 +471,42 @@ def paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens,
         UPCAST=not q.is_cuda, F32_DOT=q.dtype == torch.float32,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
+    return out
+
+
+def _check_out(out, q, k) -> None:
+    hq = q.shape[1] * q.shape[2] if q.dim() == 4 else q.shape[1]
+    want = (k.shape[0], hq, k.shape[2])
+    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != q.dtype
+            or out.device != q.device or out.stride(-1) != 1):
+        raise ValueError(f"out must be a {want} {q.dtype} tensor on {q.device} with unit stride on the head dim")
+
+
+def paged_attention_flops(new_lens: list[int], prefix_lens: list[int], num_q_heads: int, head_dim: int) -> int:
+    """Matmul FLOPs of the attended (query, key) pairs: QK^T and PV, 2 * D each per pair and query head.
+
+    New token i of a sequence with prefix p sees p + i + 1 keys. The kernel skips tiles past the causal edge, so the
+    masked part of its diagonal tiles (< BLOCK_M + BLOCK_N keys per row) is all it computes beyond this count."""
+    pairs = sum(n * p + n * (n + 1) // 2 for n, p in zip(new_lens, prefix_lens, strict=True))
+    return 4 * head_dim * num_q_heads * pairs
+
+
+def _paged_prefix_attention_meta(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, scale,
+                                 host_lens):
+    s = _check_args(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, scale)
+    if host_lens is None:
+        raise ValueError("paged_prefix_attention on meta tensors needs host_lens=(new_lens, prefix_lens): meta "
+                         "tensors carry no values")
+    new, pre = (list(x) for x in host_lens)
+    if len(new) != s.num_seqs or len(pre) != s.num_seqs or sum(new) != s.num_tokens:
+        raise ValueError(f"host_lens must hold {s.num_seqs} new lengths summing to Tq = {s.num_tokens} and "
+                         f"{s.num_seqs} prefix lengths, got {len(new)} (sum {sum(new)}) and {len(pre)}")
+    out = torch.empty((s.num_tokens, s.num_q_heads, s.head_dim), dtype=q.dtype, device=q.device)
+    # The paged caches count only the prefix rows this launch reads (the rest of the pool is not its input).
+    cache_rows = sum(pre) * s.num_kv_heads * s.head_dim * k_cache.element_size()
+    moved = nbytes(q, k, v, block_tables, prefix_lens, cu_seqlens_q, out) + 2 * cache_rows  # K and V pages
+    record_launch("paged_prefix_attention", flops=paged_attention_flops(new, pre, s.num_q_heads, s.head_dim),
+                  nbytes=moved)
     return out
 
 
@@ -524,6 +575,9 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{name} must have stride 1 on its last (head) dim, got strides {tuple(t.stride())}")
     nb, bs, hkv, d = k_cache.shape
+    if is_meta(k):  # the roofline model: reads k, v and the slots, writes as many cache rows
+        record_launch("write_kv_cache", flops=0, nbytes=2 * nbytes(k, v) + nbytes(slot_mapping))
+        return
     unsupported = None if _is_pow2(d) else f"head dim {d} (the kernel takes powers of two)"
     backend = resolve_backend("write_kv_cache", backend, globals().get("_write_kv_kernel"), k.device, unsupported)
     if backend == "torch":

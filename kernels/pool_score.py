@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ._backend import BACKENDS, resolve_backend
+from ._meta import is_meta, nbytes, record_launch
 
 try:
     import triton
@@ -102,6 +103,8 @@ def _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, 
         if prefix_count.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"prefix_count must be int32 or int64, got {prefix_count.dtype}")
 
+    if is_meta(hidden):  # the roofline model: meta tensors carry no values to check
+        return _Checked(hidden, norm_weight, head_weight.reshape(H))
     # One host sync for the whole validation (cu_seqlens and, with prefixes, prefix_count).
     host = cu_seqlens if not has_prefix else torch.cat([cu_seqlens.long(), prefix_count.long()])
     host = host.tolist()
@@ -384,6 +387,25 @@ def _pool_score_triton(hidden, norm_weight, head_weight, cu_seqlens, *, mode, ep
                               prefix_count.contiguous() if prefix_count is not None else None, mode, float(eps), cfg)
 
 
+def _pool_score_meta(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps, prefix_sum, prefix_count):
+    """Meta tensors (the roofline model, see _meta.py): record the forward launches, return an empty result.
+
+    FLOPs 0: the reference's only product is a matrix-vector one, which torch.utils.flop_counter does not count (it
+    is bandwidth-bound). Bytes: every input and output in full (mode="last" reads only B rows of hidden, so this
+    over-counts it; the kernel is a few microseconds a batch either way)."""
+    c = _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, prefix_count, _KERNEL_DTYPES)
+    T = c.hidden.shape[0]
+    B = cu_seqlens.numel() - 1
+    s = torch.empty(B if mode == "last" else T, dtype=torch.float32, device=hidden.device)
+    record_launch("pool_score", flops=0, nbytes=nbytes(c.hidden, c.norm_weight, c.head_weight, cu_seqlens, s))
+    if mode != "mean":
+        return s
+    out = torch.empty(B, dtype=torch.float32, device=hidden.device)
+    record_launch("pool_score_segment_mean", flops=0,
+                  nbytes=nbytes(s, cu_seqlens, out, prefix_sum, prefix_count))
+    return out
+
+
 def pool_score(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e-5, prefix_sum=None, prefix_count=None,
                backend="auto"):
     """Fused final RMSNorm + score head + pooling over packed sequences.
@@ -399,6 +421,9 @@ def pool_score(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e-5, 
     fp32. Upstream rounds the normalized row to the input dtype before the weight multiply and the head matmul
     returns bf16; skipping those roundings moves scores by at most bf16 rounding, towards the fp32 result.
     """
+    if is_meta(hidden):
+        return _pool_score_meta(hidden, norm_weight, head_weight, cu_seqlens, mode=mode, eps=eps,
+                                prefix_sum=prefix_sum, prefix_count=prefix_count)
     if isinstance(hidden, torch.Tensor):
         unsupported = None if hidden.dtype in _KERNEL_DTYPES else f"hidden dtype {hidden.dtype}"
         backend = resolve_backend("pool_score", backend, globals().get("_pool_score_fwd_kernel"), hidden.device,

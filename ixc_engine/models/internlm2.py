@@ -84,8 +84,30 @@ class PLoRALinear(nn.Module):
         self.Plora_A = nn.Linear(in_features, rank, bias=False)
         self.Plora_B = nn.Linear(rank, out_features, bias=False)
         self.scale = scale
+        self.fused: torch.Tensor | None = None  # [out, rank + in]: B and W side by side (see fuse_b)
+        self.b_first = True
 
-    def forward(self, x: torch.Tensor, image_index: torch.Tensor | None) -> torch.Tensor:
+    @torch.no_grad()
+    def fuse_b(self, b_first: bool = True) -> None:
+        """Store B next to W in one [out, rank + in] tensor ([B | W], or [W | B]) so that one GEMM over the row
+        [a | x] (or [x | a]) gives W x + B a. `weight` and `Plora_B.weight` become views of it: names, loading and
+        values are unchanged; the old storage is freed (one linear's worth of extra memory while it runs)."""
+        if self.fused is not None:
+            return
+        w, b = self.weight, self.Plora_B.weight
+        out, inp = w.shape
+        r = b.shape[1]
+        cat = torch.empty((out, r + inp), dtype=w.dtype, device=w.device)
+        wv, bv = (cat[:, r:], cat[:, :r]) if b_first else (cat[:, :inp], cat[:, inp:])
+        wv.copy_(w)
+        bv.copy_(b)
+        self.weight = nn.Parameter(wv, requires_grad=w.requires_grad)
+        self.Plora_B.weight = nn.Parameter(bv, requires_grad=b.requires_grad)
+        self.fused, self.b_first = cat, b_first
+
+    def forward(self, x: torch.Tensor, image_index: torch.Tensor | None, fused: tuple | None = None) -> torch.Tensor:
+        if fused is not None:  # the GPU path's layout: fused = (window, a_out, mask), see _plora_gemm
+            return _plora_gemm(self, fused[0], x, fused[1], fused[2], image_index)
         y = F.linear(x, self.weight)
         if image_index is not None and image_index.numel():
             delta = self.Plora_B(self.Plora_A(x.index_select(0, image_index)))
@@ -169,7 +191,7 @@ class Attention(nn.Module):
         return self.wo(attn.reshape(T, self.num_heads * self.head_dim), ctx.image_index)
 
 
-def _attention(q, k, v, ctx: ForwardContext, layer_idx: int, scale: float) -> torch.Tensor:
+def _attention(q, k, v, ctx: ForwardContext, layer_idx: int, scale: float, out=None) -> torch.Tensor:
     from ixc_engine.kernels.paged_attention import (
         paged_prefix_attention,
         plan_paged_prefix_attention,
@@ -183,7 +205,8 @@ def _attention(q, k, v, ctx: ForwardContext, layer_idx: int, scale: float) -> to
         raise ValueError("in-batch prefix parents and a paged KV cache prefix cannot be combined")
     if not ctx.has_prefix and (ctx.backend != "triton" or q.requires_grad or ctx.parents is not None):
         # the Triton kernel has no backward and no in-batch parents: training takes the differentiable SDPA path
-        return varlen_causal_attention_ref(q, k, v, ctx.cu_seqlens.tolist(), scale, ctx.parents)
+        o = varlen_causal_attention_ref(q, k, v, ctx.cu_seqlens.tolist(), scale, ctx.parents)
+        return o if out is None else out.copy_(o)
     if ctx.has_prefix:
         kc, vc, tables, prefix = cache.k[layer_idx], cache.v[layer_idx], ctx.block_tables, ctx.prefix_lens
     else:  # varlen causal attention: the same kernel with empty prefixes (metadata made once per forward)
@@ -196,8 +219,11 @@ def _attention(q, k, v, ctx: ForwardContext, layer_idx: int, scale: float) -> to
         vc = kc
     if ctx.backend == "triton" and ctx.attn_plan is None:  # one metadata check + work table for all layers
         ctx.attn_plan = plan_paged_prefix_attention(q, k, v, kc, vc, tables, prefix, ctx.cu_seqlens, scale=scale)
+    # host copies of the lengths: read only on meta tensors (bench/roofline.py), which carry no values
+    prefix_host = [t - n for t, n in zip(ctx.seq_lens_total, ctx.new_lens)] if ctx.has_prefix else None
+    prefix_host = prefix_host or [0] * len(ctx.new_lens)
     return paged_prefix_attention(q, k, v, kc, vc, tables, prefix, ctx.cu_seqlens, scale=scale, backend=ctx.backend,
-                                  plan=ctx.attn_plan)
+                                  plan=ctx.attn_plan, host_lens=(ctx.new_lens, prefix_host), out=out)
 
 
 class FeedForward(nn.Module):
@@ -219,7 +245,11 @@ class DecoderLayer(nn.Module):
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, ctx: ForwardContext, layer_idx: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, ctx: ForwardContext, layer_idx: int, fused: tuple | None = None):
+        """fused = (previous layer's output not yet added, PLoRA row mask): the GPU path's fused layer, which returns
+        (residual stream, this layer's output); see _fused_layer."""
+        if fused is not None:
+            return _fused_layer(self, x, fused[0], cos, sin, ctx, layer_idx, fused[1])
         x = x + self.attention(self.attention_norm(x), cos, sin, ctx, layer_idx)
         return x + self.feed_forward(self.ffn_norm(x), ctx.image_index)
 
@@ -246,10 +276,92 @@ class InternLM2Model(nn.Module):
             )
         return rope_cos_sin(ctx.positions, per_token, self.cfg.head_dim, dtype)
 
+    def fuse_for_inference(self) -> None:
+        """Lay out the PLoRA weights for the GPU path's fused forward (see `_fused_layer`); the torch path and
+        training use the same parameters unchanged (they become views)."""
+        for layer in self.layers:
+            att, ffn = layer.attention, layer.feed_forward
+            for lin in (att.wqkv, att.wo, ffn.w1, ffn.w2):
+                lin.fuse_b(b_first=True)
+            ffn.w3.fuse_b(b_first=False)
+
     def forward(self, embeds: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """embeds `[T, H]` -> last layer's hidden states `[T, H]` (before the final norm)."""
         cos, sin = self.rope_tables(ctx, embeds.dtype)
+        if self._fused_path(embeds, ctx):
+            return self._forward_fused(embeds, cos, sin, ctx)
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, ctx, i)
         return x
+
+    def _fused_path(self, embeds: torch.Tensor, ctx: ForwardContext) -> bool:
+        """The fused kernels have no backward and no in-batch parents: inference on the Triton backend only."""
+        return (ctx.backend == "triton" and ctx.parents is None and not torch.is_grad_enabled()
+                and all(layer.attention.wqkv.fused is not None for layer in self.layers))
+
+    def _forward_fused(self, embeds: torch.Tensor, cos, sin, ctx: ForwardContext) -> torch.Tensor:
+        t = embeds.shape[0]
+        idx = ctx.image_index
+        n_img = 0 if idx is None else idx.shape[0]
+        mask = None
+        if n_img and 2 * n_img >= t:
+            # Mostly image rows (a corpus of photos): PLoRA on every row, with A x zeroed on text rows, is one GEMM
+            # over [A x | x] per linear and needs no gather or scatter; B times a zero row adds exactly nothing.
+            scale = self.layers[0].attention.wqkv.scale
+            mask = torch.zeros((t, 1), dtype=embeds.dtype, device=embeds.device).index_fill_(0, idx, scale)
+        x, delta = embeds, None
+        for i, layer in enumerate(self.layers):
+            x, delta = layer(x, cos, sin, ctx, i, fused=(delta, mask))
+        return x + delta
+
+
+def _plora_gemm(lin: PLoRALinear, window, xin, a_out, mask, image_index):
+    """W x + B A x on image rows, for the fused forward.
+
+    Dense (mask given, [T, 1] = scale on image rows, 0 elsewhere): a = (A x) * mask is written into a_out, the column
+    window next to x in `window` ([a | x] or [x | a], matching lin.fused), then one GEMM of window by lin.fused.
+    Otherwise W x, plus B A x added in place on the image rows (gathered) when there are any."""
+    if mask is not None:
+        torch.mm(xin, lin.Plora_A.weight.t(), out=a_out)
+        a_out.mul_(mask)
+        return F.linear(window, lin.fused)
+    y = F.linear(xin, lin.weight)
+    if image_index is not None and image_index.numel():
+        delta = lin.Plora_B(lin.Plora_A(xin.index_select(0, image_index)))
+        y.index_add_(0, image_index, delta if lin.scale == 1.0 else delta * lin.scale)
+    return y
+
+
+def _fused_layer(layer: DecoderLayer, x, delta, cos, sin, ctx: ForwardContext, layer_idx: int, mask):
+    """One decoder layer on the GPU path: returns (residual stream, this layer's FFN output not yet added).
+
+    The residual add of the previous layer's output is fused into this layer's first RMSNorm; each norm writes its
+    rows next to the PLoRA A product they feed ([a | n] buffers), SiLU*mul writes next to w2's A product, attention
+    next to wo's, so the PLoRA B product comes out of the base GEMM (see _plora_gemm)."""
+    from ixc_engine.kernels.add_rms_norm import add_rms_norm
+    from ixc_engine.kernels.rope import rope_qk
+    from ixc_engine.kernels.silu_mul import silu_mul
+
+    att, ffn = layer.attention, layer.feed_forward
+    be, idx = ctx.backend, ctx.image_index
+    t, h = x.shape
+    r = att.wqkv.Plora_A.weight.shape[0]
+    buf = x.new_empty((t, r + h))
+    x, n = add_rms_norm(x, delta, layer.attention_norm.weight, layer.attention_norm.eps, out=buf[:, r:], backend=be)
+    qkv = att.wqkv(n, idx, fused=(buf, buf[:, :r], mask)).view(t, att.num_kv_heads, att.groups + 2, att.head_dim)
+    q, k = rope_qk(qkv, cos, sin, backend=be)
+    hq_d = att.num_heads * att.head_dim
+    obuf = x.new_empty((t, r + hq_d))
+    o = obuf[:, r:]
+    _attention(q, k, qkv[:, :, -1], ctx, layer_idx, att.head_dim**-0.5, out=o.view(t, att.num_heads, att.head_dim))
+    d_att = att.wo(o, idx, fused=(obuf, obuf[:, :r], mask))
+
+    fbuf = x.new_empty((t, r + h + r))  # [a1 | n | a3]: w1 reads [a1 | n], w3 reads [n | a3]
+    x, n = add_rms_norm(x, d_att, layer.ffn_norm.weight, layer.ffn_norm.eps, out=fbuf[:, r:r + h], backend=be)
+    y1 = ffn.w1(n, idx, fused=(fbuf[:, :r + h], fbuf[:, :r], mask))
+    y3 = ffn.w3(n, idx, fused=(fbuf[:, r:], fbuf[:, r + h:], mask))
+    inter = y1.shape[1]
+    gbuf = x.new_empty((t, r + inter))
+    g = silu_mul(y1, y3, out=gbuf[:, r:], backend=be)
+    return x, ffn.w2(g, idx, fused=(gbuf, gbuf[:, :r], mask))

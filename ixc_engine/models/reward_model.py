@@ -36,6 +36,14 @@ class IXCRewardModel(nn.Module):
         self.plora_glb_GN = nn.Parameter(torch.zeros(1, 1, width))
         self.plora_sub_GN = nn.Parameter(torch.zeros(1, 1, 1, width))
 
+    def prepare_for_inference(self, backend: str) -> None:
+        """Fused weight layout and kernels for `backend` "triton" (inference only; the parameters keep their names
+        and values, so the torch path and training work on the same model)."""
+        if backend == "triton":
+            self.model.fuse_for_inference()
+            for layer in self.vit.vision_tower.vision_model.encoder.layers:
+                layer.mlp.fused_act = backend
+
     def encode_crops(self, pixels: torch.Tensor) -> torch.Tensor:
         """ViT + 2x2 merge for a batch of crops of any number of images: `[N, 3, 560, 560]` -> `[N, 20, 20, 4C]`."""
         feats = self.vit.vision_tower.vision_model(pixels)

@@ -47,10 +47,16 @@ class CLIPMLP(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.quick = cfg.hidden_act == "quick_gelu"
+        self.fused_act: str | None = None  # "triton": one fused quick_gelu kernel at inference (set by the runner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        h = h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h)
+        if self.quick and self.fused_act and not torch.is_grad_enabled():
+            from ixc_engine.kernels.quick_gelu import quick_gelu
+
+            h = quick_gelu(h, out=h, backend=self.fused_act)
+        else:
+            h = h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h)
         return self.fc2(h)
 
 

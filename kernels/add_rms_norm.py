@@ -1,0 +1,118 @@
+"""Fused residual add + InternLM2 RMSNorm (one read of x and delta, one write of the sum and of the normalized rows).
+
+    r = x + delta                        (rounded to the input dtype, as torch's add)
+    n = w * (r * rsqrt(mean(r^2) + eps)) (normalized in fp32 from the rounded r, cast to the dtype, then times w)
+
+`add_rms_norm(x, delta, weight, eps, out=...)` returns r (x itself when delta is None) and writes n into `out`, which
+may be a column window of a wider buffer (the GPU path writes n next to the PLoRA A product, see models/internlm2.py).
+Inference only (no backward): training runs the torch backend, whose RMSNorm module is the reference below.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import resolve_backend
+from ._meta import is_meta, nbytes, record_launch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+    tl = None
+
+
+def add_rms_norm_ref(x, delta, weight, eps: float):
+    """(r, n) exactly as `x + delta` then `RMSNorm` (models/internlm2.py) compute them."""
+    r = x if delta is None else x + delta
+    rf = r.float()
+    n = weight * (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)).to(r.dtype)
+    return r, n
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, r_ptr, n_ptr, n_rows, H, eps,
+                             stride_x, stride_d, stride_r, stride_n,
+                             HAS_DELTA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_H)
+        rmask = rows < n_rows
+        m = rmask[:, None] & (cols < H)[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=m, other=0.0)
+        dt = x.dtype
+        xf = x.to(tl.float32)
+        if HAS_DELTA:
+            d = tl.load(d_ptr + rows64 * stride_d + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            r = (xf + d).to(dt)
+            tl.store(r_ptr + rows64 * stride_r + cols[None, :], r, mask=m)
+            xf = r.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / H + eps)
+        w = tl.load(w_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+        nrm = (xf * rstd[:, None]).to(dt).to(tl.float32) * w[None, :]
+        tl.store(n_ptr + rows64 * stride_n + cols[None, :], nrm.to(n_ptr.dtype.element_ty), mask=m)
+
+
+def _blocks(H: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(rows per program, padded H, warps): one row per program on a GPU (H = 4096 fp32 values in registers)."""
+    bh = triton.next_power_of_2(H)
+    if not on_gpu:
+        return max(1, 4096 // bh), bh, 4
+    return 1, bh, 8 if bh >= 2048 else 4
+
+
+def _check(x, delta, weight, out):
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be 2-D [T, H] with unit column stride, got shape {tuple(x.shape)}")
+    for name, t in (("delta", delta), ("out", out)):
+        if t is not None and (t.shape != x.shape or t.stride(1) != 1 or t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name} must be [T, H] = {tuple(x.shape)} {x.dtype} on {x.device} with unit column "
+                             f"stride, got {tuple(t.shape)} {t.dtype} on {t.device} strides {tuple(t.stride())}")
+    if weight.shape != (x.shape[1],) or weight.device != x.device:
+        raise ValueError(f"weight must be [{x.shape[1]}] on {x.device}, got {tuple(weight.shape)} on {weight.device}")
+
+
+def add_rms_norm(x, delta, weight, eps: float, *, out=None, backend: str = "auto"):
+    """Returns r = x + delta (x when delta is None) and writes rmsnorm(r) * weight into `out` (allocated when None).
+
+    Returns (r, out). x, delta, out: [T, H] with unit column stride (any row stride); weight [H]."""
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _check(x, delta, weight, out)
+    r = x if delta is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    if is_meta(x):
+        record_launch("add_rms_norm", flops=0, nbytes=nbytes(x, delta, weight, out) + (nbytes(r) if delta is not None
+                                                                                         else 0))
+        return r, out
+    backend = resolve_backend("add_rms_norm", backend, globals().get("_add_rms_norm_kernel"), x.device)
+    if backend == "torch":
+        rr, n = add_rms_norm_ref(x, delta, weight, eps)
+        if delta is not None:
+            r.copy_(rr)
+        out.copy_(n)
+        return r, out
+    T, H = x.shape
+    if T == 0:
+        return r, out
+    bt, bh, warps = _blocks(H, x.is_cuda)
+    _add_rms_norm_kernel[(triton.cdiv(T, bt),)](
+        x, delta if delta is not None else x, weight, r, out, T, H, float(eps),
+        x.stride(0), delta.stride(0) if delta is not None else 0, r.stride(0), out.stride(0),
+        HAS_DELTA=delta is not None, BLOCK_T=bt, BLOCK_H=bh, num_warps=warps,
+    )
+    return r, out
+
+
+def compile_specs() -> list[dict]:
+    """The launch configurations the engine uses at the 7B shapes in bf16 (H = 4096), for ahead-of-time compiles."""
+    if triton is None:
+        return []
+    sig = {"x_ptr": "*bf16", "d_ptr": "*bf16", "w_ptr": "*bf16", "r_ptr": "*bf16", "n_ptr": "*bf16", "n_rows": "i32",
+           "H": "i32", "eps": "fp32", "stride_x": "i32", "stride_d": "i32", "stride_r": "i32", "stride_n": "i32",
+           "HAS_DELTA": "constexpr", "BLOCK_T": "constexpr", "BLOCK_H": "constexpr"}
+    return [{"name": f"add_rms_norm_bf16_delta{int(d)}", "fn": _add_rms_norm_kernel, "signature": sig,
+             "constexprs": {"HAS_DELTA": d, "BLOCK_T": 1, "BLOCK_H": 4096}, "num_warps": 8, "num_stages": 1}
+            for d in (True, False)]
