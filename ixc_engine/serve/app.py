@@ -30,6 +30,7 @@ from ixc_engine.serve.schemas import (
     parse_score,
 )
 
+INLINE_PARSE_BYTES = 32 << 10  # smaller bodies (text, no media payload) are parsed on the event loop
 ENDPOINTS = ("/get_reward", "/pooling", "/v1/score", "/v1/best_of_n", "/health", "/v1/models", "/metrics")
 
 
@@ -171,6 +172,8 @@ def create_app(engine: RewardEngine, cfg: ServeConfig | None = None):
 
     async def parse(request, parser):
         raw = await read_body(request)
+        if len(raw) <= INLINE_PARSE_BYTES:  # a thread hop would cost more than the parsing (and wait for the GIL)
+            return parser(decode_json(raw), limits)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(state["pool"], lambda: parser(decode_json(raw), limits))
 

@@ -87,6 +87,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.batches = 0
         self.samples_scored = 0
+        self._limit = self.cfg.max_gather or engine.engine.cfg.window  # samples per engine call
 
     # --- request side (any thread) ----------------------------------------------------------------------------------
     @property
@@ -109,15 +110,24 @@ class Batcher:
             if len(self._queue) + self._in_flight + len(job.samples) > self.cfg.max_queue:
                 raise QueueFull(f"{len(self._queue) + self._in_flight} samples are queued or being scored; the limit "
                                 f"is {self.cfg.max_queue}")
+            was_empty = not self._queue
             self._queue.extend((job, k) for k in range(len(job.samples)))
-            self._cond.notify()
+            # wake the scheduler only when it has something new to decide: the first sample (it then waits max_wait
+            # for company) or a full gather; a wake-up per request would take the GIL from the event loop each time
+            if was_empty or len(self._queue) >= self._limit:
+                self._cond.notify()
         return fut
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("batcher already started")
-        self._thread = threading.Thread(target=self._loop, name="ixc-scheduler", daemon=True)
+        import torch
+
+        # OpenMP thread counts are per thread: a new thread would use every core, whatever torch.set_num_threads said
+        # in the thread that built the server (two OpenMP threads on a busy 2-core machine run ~10x slower)
+        threads = torch.get_num_threads()
+        self._thread = threading.Thread(target=self._loop, args=(threads,), name="ixc-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -130,7 +140,7 @@ class Batcher:
 
     # --- scheduler thread -----------------------------------------------------------------------------------------
     def _gather(self) -> list[tuple[_Job, int]] | None:
-        limit = self.cfg.max_gather or self.engine.engine.cfg.window
+        limit = self._limit
         wait = self.cfg.max_wait_ms / 1000.0
         with self._cond:
             while not self._queue:
@@ -150,7 +160,10 @@ class Batcher:
             self._in_flight += len(taken)
             return taken
 
-    def _loop(self) -> None:
+    def _loop(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
         while True:
             taken = self._gather()
             if taken is None:
