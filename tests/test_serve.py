@@ -180,6 +180,8 @@ BAD = [  # (path, body or raw bytes, status, text the error must hold)
     ("/pooling", {}, 400, "exactly one of"),
     ("/pooling", {"input": [[1, 2, 3]]}, 400, "token-id inputs"),
     ("/pooling", {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "unknown type 'audio'"),
+    ("/pooling", {"messages": [{"role": "bot", "content": "x"}]}, 400, "messages: messages[0]['role'] is 'bot'"),
+    ("/pooling", {"input": ["<|im_start|>user\nx<|im_end|>\n", "<|im_start|>bot\nx"]}, 400, "input[1]: messages[0]"),
     ("/pooling", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "s3://b/k"}}]}]},
      400, "never fetched"),
     ("/v1/score", {"conversations": [[{"role": "user", "content": "x"}]], "hd_num": 0}, 400, "hd_num"),

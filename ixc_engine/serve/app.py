@@ -195,12 +195,14 @@ def create_app(engine: RewardEngine, cfg: ServeConfig | None = None):
             raise RequestError(500, str(exc), None, kind="internal_error") from None
 
     def item_errors(results, field: str) -> None:
+        """400 naming the first item that could not be scored (field "messages": the request's one conversation)."""
         bad = [(k, r.error) for k, r in enumerate(results) if r.error is not None]
         if bad:
             k, why = bad[0]
+            name = field if field == "messages" else f"{field}[{k}]"
             more = f" (and {len(bad) - 1} more: {', '.join(f'{field}[{j}]' for j, _ in bad[1:6])})" if len(bad) > 1 \
                 else ""
-            raise RequestError(400, f"{field}[{k}]: {why}{more}", f"{field}[{k}]")
+            raise RequestError(400, f"{name}: {why}{more}", name)
 
     def endpoint(name: str):
         def wrap(fn):
@@ -226,9 +228,9 @@ def create_app(engine: RewardEngine, cfg: ServeConfig | None = None):
 
     @endpoint("/pooling")
     async def pooling(request):
-        samples = await parse(request, parse_pooling)
+        samples, field = await parse(request, parse_pooling)
         results = await score(samples, cfg.hd_num)
-        item_errors(results, "messages" if len(samples) == 1 and samples[0].media else "input")
+        item_errors(results, field)
         n = sum(r.n_tokens for r in results)
         return JSONResponse({
             "id": f"pool-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": cfg.model_name,

@@ -153,8 +153,9 @@ def parse_get_reward(body: Mapping, limits: Limits) -> list[Sample]:
     return samples
 
 
-def parse_pooling(body: Mapping, limits: Limits) -> list[Sample]:
-    """vLLM pooling: {"model"?, "messages": [OpenAI messages]} (one sample) or {"input": str | [str]}."""
+def parse_pooling(body: Mapping, limits: Limits) -> tuple[list[Sample], str]:
+    """vLLM pooling: {"model"?, "messages": [OpenAI messages]} (one sample) or {"input": str | [str]}. Returns the
+    samples and the field they came from."""
     model = body.get("model")
     if model is not None and limits.model_names and model not in limits.model_names:
         raise RequestError(404, f"The model `{model}` does not exist (this server serves {limits.model_names[0]!r})",
@@ -166,7 +167,7 @@ def parse_pooling(body: Mapping, limits: Limits) -> list[Sample]:
     if has_msgs:
         messages = _list(body, "messages")
         msgs, media = _conversation(messages, [], "messages", limits, resolver)
-        return [Sample(msgs, media, id=0)]
+        return [Sample(msgs, media, id=0)], "messages"
     inputs = body["input"]
     if isinstance(inputs, str):
         inputs = [inputs]
@@ -175,7 +176,7 @@ def parse_pooling(body: Mapping, limits: Limits) -> list[Sample]:
     if inputs and not isinstance(inputs[0], str):
         raise bad("input[0]", "token-id inputs are not supported: send the decoded chat text")
     _check_count("input", len(inputs), limits)
-    return [Sample(_messages_from_text(t, None, f"input[{i}]"), [], id=i) for i, t in enumerate(inputs)]
+    return [Sample(_messages_from_text(t, None, f"input[{i}]"), [], id=i) for i, t in enumerate(inputs)], "input"
 
 
 def parse_score(body: Mapping, limits: Limits) -> tuple[list[Sample | RequestError], int]:
