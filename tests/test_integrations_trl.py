@@ -31,8 +31,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return RewardEngine.from_pretrained(DEMO, device="cpu")
+def engine(demo_ref):
+    return demo_ref
 
 
 @pytest.fixture(scope="module")

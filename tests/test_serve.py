@@ -65,9 +65,9 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def ref():
+def ref(demo_ref):
     """A second engine for expected values: the served one belongs to its scheduler thread."""
-    return RewardEngine.from_pretrained(DEMO, device="cpu")
+    return demo_ref
 
 
 @pytest.fixture(scope="module")

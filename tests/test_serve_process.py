@@ -15,17 +15,16 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
-from ixc_engine.api import RewardEngine
 from ixc_engine.client import RewardClient
-from tests.serve_support import DEMO, ServerProcess, free_port
+from tests.serve_support import ServerProcess, free_port
 from tests.test_serve import conversations
 
 
 @pytest.fixture(scope="module")
-def ref():
+def ref(demo_ref):
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as the servers (--threads 1): two OpenMP threads stall each other on a busy 2-core box
-    yield RewardEngine.from_pretrained(DEMO, device="cpu")
+    yield demo_ref
     torch.set_num_threads(before)
 
 
