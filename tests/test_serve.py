@@ -331,3 +331,20 @@ def test_reward_client_against_the_server(engine, ref, media_root):
         assert e.value.status == 401
     with pytest.raises(RewardServerError, match="unreachable after 3 attempts"):
         RewardClient(srv.url, retries=2, backoff=0.01, timeout=2).score(convs[:1])
+
+
+def test_pooling_video_url(engine, ref, tmp_path):
+    pytest.importorskip("av")
+    from tests.test_media_video import write_video
+
+    video = tmp_path / "clip.mp4"
+    write_video(video, 8, 4)
+    uri = "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()
+    parts = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": uri}},
+                                          {"type": "text", "text": "What happens?"}]},
+             {"role": "assistant", "content": "The colour changes."}]
+    want = ref.score([[{"role": "user", "content": "<ImageHere>What happens?"}, parts[1]]], images=[[str(video)]])
+    with serve(engine) as srv:
+        r = post_all(srv.url, [{"messages": parts}], "/pooling")[0]
+    assert r.status_code == 200, r.text
+    assert [d["data"][0] for d in r.json()["data"]] == pytest.approx(want, rel=1e-5, abs=1e-5)
