@@ -117,6 +117,7 @@ def test_256_concurrent_get_reward_requests_equal_engine_score(engine, ref):
     assert all(len(g["rewards"]) == 1 and g["rewards"] == g["scores"] and g["extra_logs"] == {} for g in got)
     rewards = [g["rewards"][0] for g in got]
     assert rewards == pytest.approx(want, rel=1e-5, abs=1e-5)
+    print(f"256 requests: {samples} samples in {batches} engine calls")
     assert samples == 256  # none lost, none scored twice
     assert samples / batches > 1, f"{batches} engine calls for 256 samples"
 
@@ -144,6 +145,7 @@ def test_8_candidates_as_8_concurrent_requests_compute_the_image_prompt_once(eng
     assert [r.status_code for r in resp] == [200] * 8
     assert [r.json()["rewards"][0] for r in resp] == pytest.approx(want, rel=1e-5, abs=1e-5)
     computed = after["tokens_computed"] - before["tokens_computed"]
+    print(f"8 candidates: {computed} tokens computed, ideal {ideal}, no sharing {sum(map(len, keys))}")
     assert after["tokens_requested"] - before["tokens_requested"] == sum(len(k) for k in keys)
     assert computed <= 1.10 * ideal, f"computed {computed} tokens, ideal {ideal} (no sharing: {sum(map(len, keys))})"
 
