@@ -53,9 +53,11 @@ def weight_files(ckpt: Path) -> list[Path]:
         index = ckpt / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index}: malformed index ({exc})") from exc
+                weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: malformed index ({type(exc).__name__}: {exc})") from exc
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (ckpt / f).is_file()]
             if missing:
@@ -68,21 +70,50 @@ def weight_files(ckpt: Path) -> list[Path]:
     )
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _load_state_dict(f: Path) -> dict[str, torch.Tensor]:
+    """A .bin shard: a weights-only torch pickle holding a flat {name: tensor} dict, else CheckpointError."""
+    try:
+        state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, OSError ... depending on the damage
+        raise CheckpointError(f"{f}: cannot read as a weights-only torch pickle ({_first_line(exc)})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f}: holds a {type(state).__name__}, not a state dict of tensors")
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            what = type(tensor).__name__
+            hint = " (a nested checkpoint? save model.state_dict() itself)" if isinstance(tensor, dict) else ""
+            raise CheckpointError(f"{f}: entry {name!r} is a {what}, not a tensor: not a plain state dict{hint}")
+    return state
+
+
+def _safe_open(f: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(f), framework="pt")
+    except Exception as exc:  # SafetensorError (truncated, bad header), OSError
+        raise CheckpointError(f"{f}: cannot read as safetensors ({_first_line(exc)})") from exc
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) over all shards, skipping ignored tensors without reading them where the format allows."""
     for f in files:
         if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(f), framework="pt") as sf:
+            with _safe_open(f) as sf:
                 for name in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
                     if not is_ignored_tensor(name):
-                        yield name, sf.get_tensor(name)
+                        try:
+                            tensor = sf.get_tensor(name)
+                        except Exception as exc:
+                            raise CheckpointError(f"{f}: cannot read tensor {name} ({_first_line(exc)})") from exc
+                        yield name, tensor
         else:
-            try:
-                state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
-                raise CheckpointError(f"{f}: cannot read as a weights-only torch pickle: {exc}") from exc
+            state = _load_state_dict(f)
             for name, tensor in state.items():
                 if not is_ignored_tensor(name):
                     yield name, tensor
@@ -94,20 +125,20 @@ def tensor_shapes(files: list[Path], suffix: str) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
         if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(f), framework="pt") as sf:
+            with _safe_open(f) as sf:
                 for name in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
                     if name.endswith(suffix):
                         shapes[name] = tuple(sf.get_slice(name).get_shape())
         else:
-            state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            state = _load_state_dict(f)
             shapes.update({n: tuple(t.shape) for n, t in state.items() if n.endswith(suffix)})
     return shapes
 
 
 def plora_rank(files: list[Path], cfg: ModelConfig) -> int:
     shapes = tensor_shapes(files, "Plora_A.weight")
+    if bad := sorted(n for n, s in shapes.items() if len(s) != 2):
+        raise CheckpointError(f"{bad[0]} has shape {shapes[bad[0]]}: a Plora_A weight must be 2-D [rank, in]")
     ranks = {s[0] for s in shapes.values()}
     if len(ranks) > 1:
         raise CheckpointError(f"Plora_A tensors disagree on the LoRA rank: {sorted(ranks)}")
@@ -158,6 +189,8 @@ def load_model(
             if tuple(tensor.shape) != tuple(target.shape):
                 misshaped.append(f"{name} {tuple(tensor.shape)} (expected {tuple(target.shape)})")
                 continue
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{ckpt}: tensor {name} has dtype {tensor.dtype}, not a floating-point dtype")
             target.copy_(tensor.to(dtype))
             seen.add(name)
     missing = sorted(set(params) - seen)

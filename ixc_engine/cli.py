@@ -70,6 +70,17 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _add_format_args(parser: argparse.ArgumentParser, media: bool = True) -> None:
+    from ixc_engine.formats.source import FORMATS
+
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="corpus format (default: by extension and content; llava = a LLaVA / ShareGPT JSON "
+                        "array or JSONL)")
+    if media:
+        parser.add_argument("--media-root", type=Path, default=None, metavar="DIR",
+                            help="folder that relative media paths start from (default: the corpus file's folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ixc-engine", description="Fast, exact scoring with the IXC-2.5-Reward multi-modal reward model.",
@@ -87,14 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
         "<output>.errors.jsonl with its line number, id and the reason; every input line lands in exactly one of the "
         "two. <output>.job.json records the job's settings and whether it finished. Re-running the same command "
         "after an interruption (Ctrl-C, kill, crash) resumes where it stopped; re-running it with another corpus, "
-        "model, --hd-num, --max-length, --shard or dtype is refused unless --restart is given.",
+        "model, --hd-num, --max-length, --shard or dtype is refused unless --restart is given.\n\n"
+        "Other formats: a LLaVA / ShareGPT JSON array, JSONL with OpenAI content parts, Parquet (with image bytes); "
+        "see --format and --media-root. For a JSON array or a Parquet file the record index (from 1) stands for the "
+        "line number.",
         epilog="examples:\n"
         "  ixc-engine score examples/corpus.jsonl --model examples/demo-model -o out/scores.jsonl\n"
         "  ixc-engine score corpus.jsonl --model /models/ixc-2.5-reward --dtype bfloat16 -o scores.jsonl\n"
         "  ixc-engine score corpus.jsonl --model /models/ixc-2.5-reward --shard 1/4 -o scores.jsonl"
         "   # writes scores.shard1-of-4.jsonl",
     )
-    s.add_argument("corpus", type=Path, help="input JSONL file")
+    s.add_argument("corpus", type=Path, help="input corpus: JSONL, a JSON array (LLaVA / ShareGPT) or Parquet")
+    _add_format_args(s)
     s.add_argument("--model", required=True, help="checkpoint directory (or a hub id with huggingface_hub)")
     s.add_argument("-o", "--output", type=Path, required=True, help="scores JSONL file to write")
     s.add_argument("--hd-num", type=_int_at_least(1), default=9,
@@ -107,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-length", type=_int_at_least(1), default=None,
                    help="longest sample in tokens (default: the model's max_length, 16384 for the release); longer "
                    "samples go to the errors file, never truncated")
+    s.add_argument("--max-media", type=_int_at_least(1), default=64,
+                   help="most images and videos in one sample (default 64); a sample with more goes to the errors "
+                   "file (so does an image or video frame over 89,478,485 pixels, Pillow's decompression-bomb limit)")
     s.add_argument("--window", type=_int_at_least(1), default=64,
                    help="samples prepared and scheduled together (default 64); output is flushed every window")
     s.add_argument("--workers", type=_int_at_least(0), default=0,
@@ -129,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  ixc-engine filter corpus.jsonl --scores scores.jsonl --drop-fraction 0.1 -o clean.jsonl\n"
         "  ixc-engine filter corpus.jsonl --scores scores.jsonl --min-score -1.5 -o clean.jsonl",
     )
-    f.add_argument("corpus", type=Path, help="the corpus JSONL file that was scored")
+    f.add_argument("corpus", type=Path, help="the corpus that was scored (the output is written in its format)")
+    _add_format_args(f, media=False)
     f.add_argument("--scores", type=Path, required=True,
                    help="scores JSONL written by `score` (its .errors.jsonl and .job.json beside it are read too)")
     g = f.add_mutually_exclusive_group(required=True)
@@ -147,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("shards", type=Path, nargs="+", help="the shard score files (their .errors.jsonl are joined too)")
     m.add_argument("-o", "--output", type=Path, required=True, help="merged scores JSONL to write")
+
+    from ixc_engine.report.cli import add_report_parser
+
+    add_report_parser(sub, fmt, _add_format_args)
 
     t = sub.add_parser(
         "init-tiny", help="write a random tiny model in the exact release layout", formatter_class=fmt,
@@ -189,10 +212,26 @@ def _check_outputs_apart(inputs: dict[str, Path], outputs: list[Path]) -> None:
                 raise ValueError(f"output {out} is the {what} {path}: choose another -o")
 
 
-def cmd_score(args) -> int:
+def _load_engine(args, cfg, job: JobManifest, previous: JobManifest | None, out_path: Path):
+    """Load the model (a broken checkpoint is a one-line error here) and check the dtype against a resumed job."""
     from ixc_engine.api import RewardEngine
-    from ixc_engine.corpus import LineError, ResultWriter, count_lines, job_path_for, read_corpus
+
+    t_load = time.perf_counter()
+    engine = RewardEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=cfg)
+    job.dtype = str(engine.engine.runner.dtype).removeprefix("torch.")
+    if previous is not None and previous.dtype not in (None, job.dtype):
+        engine.close()
+        raise ValueError(f"{out_path} was scored in {previous.dtype}, this run would use {job.dtype}: pass --dtype "
+                         f"{previous.dtype} to resume it, or --restart")
+    print(f"model loaded in {time.perf_counter() - t_load:.1f}s on {engine.engine.runner.device} "
+          f"({engine.engine.runner.dtype})", file=sys.stderr)
+    return engine
+
+
+def cmd_score(args) -> int:
+    from ixc_engine.corpus import LineError, ResultWriter, count_lines, job_path_for
     from ixc_engine.engine.engine import EngineConfig
+    from ixc_engine.formats.source import open_corpus
 
     if not args.corpus.is_file():
         print(f"error: corpus {args.corpus} not found", file=sys.stderr)
@@ -207,9 +246,10 @@ def cmd_score(args) -> int:
     _check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
     cfg = EngineConfig(
         hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window, workers=args.workers,
-        prefix_cache=not args.no_prefix_cache, max_length=args.max_length,
+        prefix_cache=not args.no_prefix_cache, max_length=args.max_length, max_media=args.max_media,
     )
-    total_lines = count_lines(args.corpus)
+    source = open_corpus(args.corpus, args.format, args.media_root)  # JSONL, JSON array or Parquet
+    total_lines = source.count()
     i, n = args.shard
     mine = len(range(i, total_lines, n))
     job = JobManifest(corpus=str(args.corpus.resolve()), model=_model_key(args.model), hd_num=args.hd_num,
@@ -218,6 +258,9 @@ def cmd_score(args) -> int:
     if previous is not None and (diff := previous.differences(job)):
         raise ValueError(f"{out_path} holds the results of another job ({'; '.join(diff)}): use --restart to "
                          "score from scratch into it, or choose another -o")
+    engine = None
+    if mine and (previous is None or not previous.complete):  # a bad model fails here, before any output file
+        engine = _load_engine(args, cfg, job, previous, out_path)
     writer, done = ResultWriter.open(out_path, resume=not args.restart)
     if args.restart:
         job_path.unlink(missing_ok=True)
@@ -225,7 +268,9 @@ def cmd_score(args) -> int:
         print(f"warning: corpus {args.corpus} is empty", file=sys.stderr)
     if done:
         print(f"resuming: {len(done)} of {mine} lines already in {out_path} and its errors file", file=sys.stderr)
-    if len(done) >= mine:  # nothing left: no model to load
+    if len(done) >= mine:  # nothing left to score
+        if engine is not None:
+            engine.close()
         writer.close()
         job.dtype, job.complete = previous.dtype if previous else None, True
         job.errors = count_lines(writer.errors_path)
@@ -235,23 +280,16 @@ def cmd_score(args) -> int:
                           "errors_file": str(writer.errors_path)}), file=sys.stderr)
         return 0
 
-    t_load = time.perf_counter()
-    try:
-        engine = RewardEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=cfg)
-    except BaseException:
-        writer.close()
-        raise
-    job.dtype = str(engine.engine.runner.dtype).removeprefix("torch.")
-    if previous is not None and previous.dtype not in (None, job.dtype):
-        writer.close()
-        raise ValueError(f"{out_path} was scored in {previous.dtype}, this run would use {job.dtype}: pass --dtype "
-                         f"{previous.dtype} to resume it, or --restart")
+    if engine is None:
+        try:
+            engine = _load_engine(args, cfg, job, previous, out_path)
+        except BaseException:
+            writer.close()
+            raise
     job.save(job_path)
-    print(f"model loaded in {time.perf_counter() - t_load:.1f}s on {engine.engine.runner.device} "
-          f"({engine.engine.runner.dtype})", file=sys.stderr)
 
     def todo():
-        for ln, item in read_corpus(args.corpus, shard=args.shard):
+        for ln, item in source.records(shard=args.shard):
             if ln not in done:
                 yield ln, item
                 continue
@@ -310,7 +348,8 @@ def cmd_score(args) -> int:
 def cmd_filter(args) -> int:
     import math
 
-    from ixc_engine.corpus import LineError, count_lines, read_corpus
+    from ixc_engine.corpus import LineError
+    from ixc_engine.formats.source import open_corpus
 
     if args.min_score is not None and not math.isfinite(args.min_score):
         raise ValueError(f"--min-score must be a finite number, got {args.min_score}")
@@ -332,7 +371,8 @@ def cmd_filter(args) -> int:
                          "shards first, then filter the merged scores")
     scored = {r["line"]: r for r in read_records(args.scores, "score")}
     failed = {r["line"]: r for r in read_records(errors_file, "error")}
-    total = count_lines(args.corpus)
+    source = open_corpus(args.corpus, args.format)
+    total = source.count()
     # Every corpus line must have exactly one record, with the corpus line's id: scores of another corpus, or of an
     # unfinished job, must not silently decide what is kept.
     stray = sorted(ln for ln in (*scored, *failed) if not 1 <= ln <= total)
@@ -340,7 +380,7 @@ def cmd_filter(args) -> int:
         raise ValueError(f"{args.scores} has records for lines the corpus ({total} lines) does not have, e.g. line "
                          f"{stray[0]}: these scores belong to another corpus")
     missing = []
-    for ln, item in read_corpus(args.corpus):  # ids exactly as `score` read them
+    for ln, item in source.records():  # ids exactly as `score` read them
         cid = item.sample_id if isinstance(item, LineError) else item.id
         rec = scored.get(ln)
         if rec is None:
@@ -360,6 +400,14 @@ def cmd_filter(args) -> int:
         ranked = sorted(scores, key=lambda ln: (scores[ln], ln))
         keep = set(ranked[round(args.drop_fraction * len(ranked)):])
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    if source.format != "jsonl":  # a JSON array stays one, Parquet stays Parquet (ixc_engine/formats/writers.py)
+        from ixc_engine.formats.writers import write_kept
+
+        kept = write_kept(source, keep, args.output)
+        print(json.dumps({"records": total, "scored": len(scores), "kept": kept, "dropped_low_score":
+                          len(scores) - kept, "dropped_errors": len(failed), "output": str(args.output)}),
+              file=sys.stderr)
+        return 0
     with open(args.corpus, encoding="utf-8") as src, open(args.output, "w", encoding="utf-8") as dst:
         for ln, raw in enumerate(src, 1):
             if ln in keep:
@@ -464,8 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train-rm"]:  # its own parser (ixc_engine.training.cli), --help included
         return cmd_train_rm(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
+    from ixc_engine.report.cli import cmd_report
+
     handlers = {"score": cmd_score, "filter": cmd_filter, "merge": cmd_merge, "init-tiny": cmd_init_tiny,
-                "train-rm": cmd_train_rm, "serve": cmd_serve}
+                "train-rm": cmd_train_rm, "report": cmd_report, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except (ValueError, RuntimeError, OSError) as exc:

@@ -3,11 +3,47 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 POOLING_MODES = ("last", "mean")
+
+
+def _check_field_types(obj, prefix: str = "") -> None:
+    """Each field holds what its annotation says: an int (not a bool, float or str), a number for a float (an int is
+    accepted and stored as a float; not a bool, str or non-finite), a str; ``| None`` fields may be None.
+
+    config.json is written by hand and by other tools: "48" or 2.0 where an int belongs must fail here, by name,
+    not deep inside the model build."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        kind = str(f.type).replace(" ", "")
+        optional = kind.endswith("|None")
+        kind = kind.removesuffix("|None")
+        if optional and value is None:
+            continue
+        name = f"{prefix}{f.name}"
+        got = f"got {type(value).__name__} {value!r}"
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, {got}")
+        elif kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, {got}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, {got}")
+            setattr(obj, f.name, float(value))
+        elif kind == "str" and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, {got}")
+
+
+def _check_positive(obj, names: tuple[str, ...], prefix: str = "") -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{prefix}{name} must be positive, got {value}")
 
 
 @dataclass(slots=True)
@@ -24,6 +60,9 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "vision_config.")
+        _check_positive(self, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "layer_norm_eps"), "vision_config.")
         if self.image_size != 560 or self.patch_size != 14:
             raise ValueError(
                 f"vision_config: image_size must be 560 and patch_size 14 (the 40x40 patch layout depends on it), "
@@ -72,6 +111,17 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
+        if not isinstance(self.vision, VisionConfig):
+            raise ValueError(f"vision must be a VisionConfig, got {type(self.vision).__name__}")  # noqa: TRY004
+        _check_positive(self, (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+            "vocab_size", "max_position_embeddings", "max_length", "plora_rank", "rms_norm_eps", "rope_theta",
+            "rope_scaling_factor",
+        ))
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "reward_token_id"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
         if self.hidden_size % self.num_attention_heads:
@@ -113,6 +163,16 @@ class ModelConfig:
     # --- (de)serialisation -------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: must hold a JSON object, got {type(raw).__name__}")  # noqa: TRY004
+        try:
+            return cls._from_dict(raw, source)
+        except (TypeError, ValueError) as exc:
+            msg = str(exc)
+            raise ValueError(msg if msg.startswith(f"{source}: ") else f"{source}: {msg}") from exc
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any], source: str) -> ModelConfig:
         kw: dict[str, Any] = {}
         simple = (
             "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
@@ -124,30 +184,38 @@ class ModelConfig:
                 kw[key] = raw[key]
         kw["num_key_value_heads"] = raw.get("num_key_value_heads") or raw.get("num_attention_heads", 32)
         scaling = raw.get("rope_scaling")
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ValueError(f"rope_scaling must be an object such as {{\"type\": \"dynamic\", \"factor\": 2.0}} "
+                             f"or null, got {type(scaling).__name__} {scaling!r}")
         if scaling:
             kind = scaling.get("type") or scaling.get("rope_type")
             if kind != "dynamic":
-                raise ValueError(f"{source}: rope_scaling type {kind!r} is not supported (only 'dynamic')")
-            kw["rope_scaling_factor"] = float(scaling.get("factor", 1.0))
+                raise ValueError(f"rope_scaling type {kind!r} is not supported (only 'dynamic')")
+            factor = scaling.get("factor", 1.0)
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+                raise ValueError(f"rope_scaling.factor must be a number, got {type(factor).__name__} {factor!r}")
+            kw["rope_scaling_factor"] = factor
         vision_raw = raw.get("vision_config")
+        if vision_raw is not None and not isinstance(vision_raw, dict):
+            raise ValueError(f"vision_config must be an object or null, got {type(vision_raw).__name__}")
         if vision_raw:
             names = VisionConfig.__dataclass_fields__.keys()
             kw["vision"] = VisionConfig(**{k: v for k, v in vision_raw.items() if k in names})
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if k not in raw]
         if missing:
-            raise ValueError(f"{source}: missing required fields {missing}")
-        try:
-            return cls(**kw)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{source}: {exc}") from exc
+            raise ValueError(f"missing required fields {missing}")
+        return cls(**kw)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> ModelConfig:
-        with open(path, encoding="utf-8") as fh:
-            try:
-                raw = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+        with open(path, "rb") as fh:
+            data = fh.read()
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from exc
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ixc_engine.engine.sequence import Sample, SampleError
+from ixc_engine.formats.parts import MediaResolver, PartsError, flatten_messages
 
 
 class LineError(SampleError):
@@ -34,6 +35,10 @@ def parse_line(text: str, line_no: int, base_dir: Path) -> Sample:
         raise LineError(f"expected a JSON object, got {type(obj).__name__}")
     sid = obj.get("id", line_no)
     messages = obj.get("messages", obj.get("conversation"))
+    if messages is None and "conversations" in obj:  # a LLaVA / ShareGPT record
+        from ixc_engine.formats.records import default_resolver, parse_record
+
+        return parse_record(obj, line_no, default_resolver(base_dir))
     if messages is None:
         raise LineError("missing field 'messages' (or its alias 'conversation')", sid)
     if not isinstance(messages, list):
@@ -46,15 +51,20 @@ def parse_line(text: str, line_no: int, base_dir: Path) -> Sample:
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise LineError("'images' must be a list of file paths", sid)
     media = [str(p if os.path.isabs(p) else base_dir / p) for p in images]
+    try:  # OpenAI / HF content parts -> str content, their media in order (ixc_engine/formats/parts.py)
+        messages, media = flatten_messages(messages, MediaResolver(base_dir=base_dir), media)
+    except PartsError as exc:
+        raise LineError(str(exc), sid) from None
     return Sample(messages, media, id=sid)
 
 
 def read_corpus(
-    path: str | Path, *, start_line: int = 1, shard: tuple[int, int] = (0, 1)
+    path: str | Path, *, start_line: int = 1, shard: tuple[int, int] = (0, 1), base_dir: str | Path | None = None
 ) -> Iterator[tuple[int, Sample | LineError]]:
-    """(line number, Sample or LineError) for each line from `start_line` that belongs to shard (i, n)."""
+    """(line number, Sample or LineError) for each line from `start_line` that belongs to shard (i, n); media paths
+    are relative to base_dir (default: the file's folder)."""
     path = Path(path)
-    base = path.resolve().parent
+    base = Path(base_dir).resolve() if base_dir is not None else path.resolve().parent
     index, count = shard
     with open(path, "rb") as fh:
         for line_no, raw in enumerate(fh, 1):

@@ -15,7 +15,8 @@ import torch
 
 from ixc_engine.engine.host import get_host_core
 from ixc_engine.engine.runner import ModelRunner, SeqPlan
-from ixc_engine.engine.sequence import PreparedSample, Sample, SampleError, prepare_sample
+from ixc_engine.engine.sequence import MAX_MEDIA, PreparedSample, Sample, SampleError, prepare_sample
+from ixc_engine.media.image import MAX_IMAGE_PIXELS
 from ixc_engine.tokenizer import Tokenizer
 
 
@@ -30,13 +31,17 @@ class EngineConfig:
     window: int = 64  # samples prepared and scheduled together (prefix sharing and ViT dedup act within it)
     workers: int = 0  # processes for CPU preprocessing (0: in this process)
     max_length: int | None = None  # None: the model's max_length
+    max_media: int = MAX_MEDIA  # media items per sample; more is that sample's error
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS  # per image or video frame (Pillow's default bomb limit)
 
     def __post_init__(self) -> None:
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
-        for name in ("hd_num", "max_batch_tokens", "max_batch_seqs", "window"):
+        for name in ("hd_num", "max_batch_tokens", "max_batch_seqs", "window", "max_media"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1 or None, got {self.max_image_pixels}")
 
 
 @dataclass(slots=True)
@@ -68,10 +73,11 @@ class EngineStats:
 
 
 def _prepare_worker(args):
-    tokenizer_path, sample, hd_num, max_length = args
+    tokenizer_path, sample, hd_num, max_length, max_media, max_pixels = args
     tok = _worker_tokenizer(tokenizer_path)
     try:
-        return prepare_sample(tok, sample, hd_num=hd_num, max_length=max_length)
+        return prepare_sample(tok, sample, hd_num=hd_num, max_length=max_length, max_media=max_media,
+                              max_pixels=max_pixels)
     except SampleError as exc:
         return exc
 
@@ -131,7 +137,8 @@ class ScoringEngine:
         for s in samples:
             try:
                 out.append(prepare_sample(
-                    self.tokenizer, s, hd_num=hd_num, max_length=self.max_length, media_cache=media_cache
+                    self.tokenizer, s, hd_num=hd_num, max_length=self.max_length, media_cache=media_cache,
+                    max_media=self.cfg.max_media, max_pixels=self.cfg.max_image_pixels,
                 ))
             except SampleError as exc:
                 out.append(exc)
@@ -320,7 +327,8 @@ class ScoringEngine:
         real = [s for _, s in window if isinstance(s, Sample)]
         if pool is None:
             return self.prepare(real, hd_num)
-        args = [(self.tokenizer_path, s, hd_num, self.max_length) for s in real]
+        args = [(self.tokenizer_path, s, hd_num, self.max_length, self.cfg.max_media, self.cfg.max_image_pixels)
+                for s in real]
         return [pool.submit(_prepare_worker, a) for a in args]
 
     def _finish(self, window, submitted) -> Iterator[ScoreResult]:

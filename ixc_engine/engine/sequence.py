@@ -8,12 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from ixc_engine.media.image import MediaCrops
-from ixc_engine.media.loader import load_media, media_digest
+from ixc_engine.media.image import MAX_IMAGE_PIXELS, MediaCrops
+from ixc_engine.media.loader import MIN_MEDIA_TOKENS, load_media, media_digest, media_tokens
 from ixc_engine.template import build_sample, validate_messages
 from ixc_engine.tokenizer import Tokenizer
 
 MEDIA_KEY_BIT = 1 << 62  # content keys of image positions live above every token id
+MAX_MEDIA = 64  # media items per sample (images and videos); more is that sample's error
 
 
 class SampleError(ValueError):
@@ -59,21 +60,55 @@ class PreparedSample:
         return keys
 
 
+def _too_long(n_tokens: int, max_length: int, at_least: bool = False) -> SampleError:
+    return SampleError(
+        f"sample is {'at least ' if at_least else ''}{n_tokens} tokens long, over max_length {max_length}; it is "
+        "not scored (upstream would cut the tail and read the score at a wrong token). Shorten it or raise "
+        "--max-length."
+    )
+
+
 def prepare_sample(
-    tokenizer: Tokenizer, sample: Sample, *, hd_num: int, max_length: int, media_cache: dict | None = None
+    tokenizer: Tokenizer, sample: Sample, *, hd_num: int, max_length: int, media_cache: dict | None = None,
+    max_media: int = MAX_MEDIA, max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> PreparedSample:
-    """Validate, template and tokenize, load and crop media. Raises SampleError with a clear reason."""
+    """Validate, template and tokenize, load and crop media. Raises SampleError with a clear reason.
+
+    Cheap checks come first, so that a hostile sample costs little to reject: the number of media (at most
+    max_media), then each item's pixels (at most max_pixels per image or video frame) and the sample's length
+    from the media headers; only then is anything decoded. The length is checked again on the decoded crops."""
+    if len(sample.media) > max_media:
+        raise SampleError(
+            f"sample has {len(sample.media)} media items, over the limit of {max_media} per sample (--max-media)"
+        )
     try:
         messages = validate_messages(sample.messages)
         templ = build_sample(tokenizer, messages, len(sample.media), hd_num)
     except ValueError as exc:
         raise SampleError(str(exc)) from exc
+    # Length from the headers; items not read yet (and videos without PyAV: None) count their minimum, so that
+    # reading stops as soon as the sample is sure to be too long.
+    expected: list[int] = []
+    exact = True
+    bound = templ.n_text_tokens + MIN_MEDIA_TOKENS * len(sample.media)
+    if bound > max_length:
+        raise _too_long(bound, max_length, at_least=bool(sample.media))
+    for k, item in enumerate(sample.media):
+        try:
+            n = media_tokens(item, templ.hd_num, max_pixels=max_pixels)
+        except ValueError as exc:  # MediaError is a ValueError
+            raise SampleError(str(exc)) from exc
+        exact = exact and n is not None
+        expected.append(MIN_MEDIA_TOKENS if n is None else n)
+        bound = templ.n_text_tokens + sum(expected) + MIN_MEDIA_TOKENS * (len(sample.media) - k - 1)
+        if bound > max_length:
+            raise _too_long(bound, max_length, at_least=not exact or k + 1 < len(sample.media))
     crops, digests = [], []
     for item in sample.media:
         try:
             digest = media_digest(item, templ.hd_num)
             cached = media_cache.get(digest) if media_cache is not None else None
-            mc = cached if cached is not None else load_media(item, templ.hd_num)
+            mc = cached if cached is not None else load_media(item, templ.hd_num, max_pixels=max_pixels)
         except ValueError as exc:  # MediaError is a ValueError
             raise SampleError(str(exc)) from exc
         if media_cache is not None:
@@ -82,8 +117,5 @@ def prepare_sample(
         digests.append(digest)
     n_tokens = templ.n_tokens([m.n_tokens for m in crops])
     if n_tokens > max_length:
-        raise SampleError(
-            f"sample is {n_tokens} tokens long, over max_length {max_length}; it is not scored (upstream would cut "
-            "the tail and read the score at a wrong token). Shorten it or raise --max-length."
-        )
+        raise _too_long(n_tokens, max_length)
     return PreparedSample(sample.id, templ.pieces, crops, digests, n_tokens)

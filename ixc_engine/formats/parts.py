@@ -104,19 +104,21 @@ def resolve_media_ref(ref: object, kind: str, resolver: MediaResolver) -> MediaI
     if scheme in ("http", "https", "ftp", "s3", "gs"):
         raise PartsError(f"{kind} URL {ref[:80]!r}: media are never fetched over the network; download it and give "
                          "a path (or a data: URI)")
+    # os.path, not pathlib: pathlib interns every path part, so a corpus of millions of distinct file names would grow
+    # the interpreter's intern table without bound
     if scheme == "file":
-        path = Path(unquote(urlsplit(ref).path))
+        path = unquote(urlsplit(ref).path)
     elif scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive, i.e. a path
         raise PartsError(f"{kind} reference {ref[:80]!r}: unsupported URL scheme {scheme!r}")
     else:
-        path = Path(ref)
+        path = ref
     if not resolver.allow_paths:
         raise PartsError(f"{kind} reference {ref[:80]!r}: only data: URIs are accepted here")
-    if not path.is_absolute() and resolver.base_dir is not None:
-        path = resolver.base_dir / path
-    if resolver.root is not None and not _inside(path, resolver.root):
+    if not os.path.isabs(path) and resolver.base_dir is not None:
+        path = os.path.join(resolver.base_dir, path)
+    if resolver.root is not None and not _inside(Path(path), resolver.root):
         raise PartsError(f"{kind} path {ref[:80]!r} lies outside the media root {resolver.root}")
-    return str(path)
+    return path
 
 
 _TEXT_TYPES = ("text", "input_text")

@@ -21,6 +21,9 @@ CROP = 560
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MEDIA_KINDS = ("image", "video")
+# Pixels allowed in one image or video frame: Pillow's default decompression-bomb limit (Image.MAX_IMAGE_PIXELS,
+# 1024**3 // 4 // 3), held here so that the engine's limit does not depend on (or change) Pillow's global setting.
+MAX_IMAGE_PIXELS = 89_478_485
 
 _WHITE = (255, 255, 255)
 
@@ -61,6 +64,21 @@ class MediaCrops:
     @property
     def n_tokens(self) -> int:
         return image_token_count(self.h, self.w)
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None, what: str = "image") -> None:
+    """MediaError when width * height exceeds max_pixels (None: no limit); checked on the header, before decoding."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise MediaError(
+            f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} pixels per "
+            "image (a decompression bomb?); it is not decoded"
+        )
+
+
+def image_tokens(width: int, height: int, hd_num: int) -> int:
+    """LLM tokens of an image of this size (from its header: no pixels needed); raises MediaError as hd_transform."""
+    canvas_w, canvas_h = hd_canvas_size(width, height, hd_num)
+    return image_token_count(canvas_h // CROP, canvas_w // CROP)
 
 
 def _check_hd_num(hd_num: int) -> int:
@@ -165,6 +183,7 @@ def crops_from_canvas(t: torch.Tensor, kind: str = "image") -> MediaCrops:
     return MediaCrops(pixel_values=torch.cat([glb, subs], dim=0), h=h, w=w, kind=kind)
 
 
-def process_image(img: Image.Image, hd_num: int) -> MediaCrops:
-    """Full image path: HD canvas, CLIP normalisation, crops."""
+def process_image(img: Image.Image, hd_num: int, max_pixels: int | None = MAX_IMAGE_PIXELS) -> MediaCrops:
+    """Full image path: HD canvas, CLIP normalisation, crops. Images over max_pixels are a MediaError."""
+    check_pixels(*img.size, max_pixels)
     return crops_from_canvas(to_tensor_normalized(hd_transform(img, hd_num)), kind="image")

@@ -15,13 +15,22 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import MediaError
-from .image import CROP, MediaCrops, crops_from_canvas, to_tensor_normalized
+from .image import (
+    CROP,
+    MAX_IMAGE_PIXELS,
+    MediaCrops,
+    check_pixels,
+    crops_from_canvas,
+    image_token_count,
+    to_tensor_normalized,
+)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".wmv")
 MAX_FRAMES = 32
@@ -33,6 +42,8 @@ BACKENDS = ("decord", "av")
 
 _WHITE = (255, 255, 255)
 _BLACK = (0, 0, 0)
+
+_Keep = Callable[[Image.Image], Image.Image]
 
 
 def is_video_path(path: str | os.PathLike[str]) -> bool:
@@ -56,11 +67,11 @@ def sample_frame_indices(n_frames: int, fps: float, max_frames: int = MAX_FRAMES
     if not math.isfinite(fps) or fps <= 0:
         raise MediaError(f"video has an invalid average frame rate {fps}")
     stride = max(round(fps), 1)
-    positions = list(range(0, n_frames, stride))
+    positions = range(0, n_frames, stride)  # a range, not a list: a header may claim billions of frames
     if len(positions) > max_frames:
         step = len(positions) / (max_frames + 1)
         positions = [positions[int(i * step)] for i in range(max_frames)]
-    return positions
+    return list(positions)
 
 
 @dataclass(slots=True)
@@ -72,6 +83,7 @@ class DecodedVideo:
     n_frames: int
     fps: float
     backend: str
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each frame as decoded
 
 
 class _DecordShapeError(MediaError):
@@ -86,7 +98,7 @@ def _default_backend() -> str:
     return "decord"
 
 
-def _read_decord(path: str) -> DecodedVideo:
+def _read_decord(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS, keep: _Keep | None = None) -> DecodedVideo:
     import decord
 
     try:
@@ -96,19 +108,24 @@ def _read_decord(path: str) -> DecodedVideo:
     except Exception as e:  # decord raises its own DECORDError (an Exception) for every failure
         raise MediaError(f"cannot open video with decord: {e}", path=path) from e
     indices = sample_frame_indices(n_frames, fps)
-    try:
-        arrays = [reader[i].asnumpy() for i in indices]
-    except Exception as e:
-        raise MediaError(f"cannot decode video frames with decord: {e}", path=path) from e
-    for arr in arrays:
+    frames, sizes = [], []
+    for i in indices:
+        try:
+            arr = reader[i].asnumpy()
+        except Exception as e:
+            raise MediaError(f"cannot decode video frames with decord: {e}", path=path) from e
         if arr.ndim != 3 or arr.shape[2] != 3:
             # eva-decord 0.6 mis-sizes frames of some narrow widths (48 px wide -> [H, 48, 4] of shifted bytes).
             raise _DecordShapeError(f"decord returned a frame of shape {arr.shape}, not [H, W, 3]", path=path)
-    frames = [Image.fromarray(arr) for arr in arrays]
-    return DecodedVideo(frames=frames, indices=indices, n_frames=n_frames, fps=float(fps), backend="decord")
+        check_pixels(arr.shape[1], arr.shape[0], max_pixels, "video frame")
+        frame = Image.fromarray(arr)
+        sizes.append(frame.size)
+        frames.append(frame if keep is None else keep(frame))
+    return DecodedVideo(frames=frames, indices=indices, n_frames=n_frames, fps=float(fps), backend="decord",
+                        sizes=sizes)
 
 
-def _read_av(path: str) -> DecodedVideo:
+def _read_av(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS, keep: _Keep | None = None) -> DecodedVideo:
     import av
 
     try:
@@ -120,17 +137,22 @@ def _read_av(path: str) -> DecodedVideo:
                 raise MediaError("file has no video stream", path=path)
             rate = stream.average_rate
             fps = float(rate) if rate else float("nan")
+            check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels, "video frame")
             n_frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
         indices = sample_frame_indices(n_frames, fps)
         wanted = set(indices)
         found: dict[int, Image.Image] = {}
+        sizes: dict[int, tuple[int, int]] = {}
         with av.open(path) as container:
             stream = container.streams.best("video")
             stream.thread_type = "AUTO"
             # Sequential decode in presentation order; decoding stops after the last wanted frame.
             for pos, frame in enumerate(container.decode(stream)):
                 if pos in wanted:
-                    found[pos] = Image.fromarray(frame.to_ndarray(format="rgb24"))
+                    check_pixels(frame.width, frame.height, max_pixels, "video frame")
+                    image = Image.fromarray(frame.to_ndarray(format="rgb24"))
+                    sizes[pos] = image.size
+                    found[pos] = image if keep is None else keep(image)
                     if len(found) == len(wanted):
                         break
     except MediaError:
@@ -141,23 +163,29 @@ def _read_av(path: str) -> DecodedVideo:
         missing = sorted(wanted - found.keys())
         raise MediaError(f"video ended before frames {missing[:5]} (container reports {n_frames} frames)", path=path)
     frames = [found[i] for i in indices]
-    return DecodedVideo(frames=frames, indices=indices, n_frames=n_frames, fps=fps, backend="av")
+    return DecodedVideo(frames=frames, indices=indices, n_frames=n_frames, fps=fps, backend="av",
+                        sizes=[sizes[i] for i in indices])
 
 
-def read_video(path: str | os.PathLike[str], backend: str | None = None) -> DecodedVideo:
+def read_video(
+    path: str | os.PathLike[str], backend: str | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS,
+    keep: _Keep | None = None,
+) -> DecodedVideo:
     """Decode only the frames upstream keeps (see ``sample_frame_indices``) as RGB PIL images.
 
     backend: "decord", "av", or None for decord when importable (falling back to PyAV where decord returns
-    mis-shaped frames), else PyAV.
+    mis-shaped frames), else PyAV. Frames over max_pixels are a MediaError. keep, when given, maps each decoded
+    frame to what is kept of it (process_video keeps only the resized frame, so that 32 full-size frames are never
+    held at once); ``sizes`` still gives the decoded sizes.
     """
     path = os.fspath(path)
     if backend is None:
         backend = _default_backend()
         if backend == "decord":
             try:
-                return read_video(path, "decord")
+                return read_video(path, "decord", max_pixels, keep)
             except _DecordShapeError:
-                return read_video(path, "av")
+                return read_video(path, "av", max_pixels, keep)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     p = Path(path)
@@ -166,16 +194,18 @@ def read_video(path: str | os.PathLike[str], backend: str | None = None) -> Deco
     if not p.is_file():
         raise MediaError("not a regular file", path=path)
     try:
-        return _read_decord(path) if backend == "decord" else _read_av(path)
+        return _read_decord(path, max_pixels, keep) if backend == "decord" else _read_av(path, max_pixels, keep)
     except MediaError as e:
         if e.path is None:
             raise MediaError(str(e), path=path) from e
         raise
 
 
-def read_video_frames(path: str | os.PathLike[str], backend: str | None = None) -> list[Image.Image]:
+def read_video_frames(
+    path: str | os.PathLike[str], backend: str | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> list[Image.Image]:
     """The kept frames of a video (see ``read_video``)."""
-    return read_video(path, backend).frames
+    return read_video(path, backend, max_pixels).frames
 
 
 @functools.lru_cache(maxsize=1)
@@ -210,12 +240,21 @@ def frames_to_canvas(frames: list[Image.Image], font: ImageFont.FreeTypeFont | I
     """
     if not frames:
         raise MediaError("no frames to stitch")
+    return _stitch([resize_frame(frame) for frame in frames], frames[-1].size, font)
+
+
+def resize_frame(frame: Image.Image) -> Image.Image:
+    """One frame as it goes into the canvas: RGB, long side 1120 (``frame_resize_size``), bilinear."""
+    frame = frame.convert("RGB")
+    return frame.resize(frame_resize_size(*frame.size), Image.Resampling.BILINEAR)
+
+
+def _stitch(resized: list[Image.Image], last_size: tuple[int, int], font) -> Image.Image:
+    """frames_to_canvas on frames already resized; last_size is the last frame's size before resizing."""
+    if not resized:
+        raise MediaError("no frames to stitch")
     font = default_font() if font is None else font
-    resized = []
-    for frame in frames:
-        frame = frame.convert("RGB")
-        resized.append(frame.resize(frame_resize_size(*frame.size), Image.Resampling.BILINEAR))
-    last_w, last_h = frames[-1].size
+    last_w, last_h = last_size
     n = len(resized)
     if last_w > last_h:
         width = max(im.width for im in resized)
@@ -278,8 +317,93 @@ def video_canvas_transform(canvas: Image.Image) -> Image.Image:
     return img
 
 
-def process_video(path: str | os.PathLike[str], backend: str | None = None, font=None) -> MediaCrops:
+def process_video(
+    path: str | os.PathLike[str], backend: str | None = None, font=None, max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> MediaCrops:
     """Full video path: sampled frames -> canvas -> 560-high strip -> normalised crops (kind='video')."""
-    frames = read_video_frames(path, backend)
-    strip = video_canvas_transform(frames_to_canvas(frames, font))
+    video = read_video(path, backend, max_pixels, keep=resize_frame)  # each frame resized as soon as it is decoded
+    strip = video_canvas_transform(_stitch(video.frames, video.sizes[-1], font))
     return crops_from_canvas(to_tensor_normalized(strip), kind="video")
+
+
+def video_tokens(n_kept: int, width: int, height: int) -> int:
+    """LLM tokens of a video whose ``n_kept`` sampled frames are all width x height (no pixels needed).
+
+    The same geometry as ``frames_to_canvas`` then ``video_canvas_transform``: orientation from the (last) frame,
+    frames resized to long side 1120, 40 px headers and 10 px gaps, then the strip's crop grid.
+    """
+    if n_kept < 1:
+        raise MediaError(f"video has no frames to keep (n_kept={n_kept})")
+    rw, rh = frame_resize_size(width, height)
+    if width > height:
+        canvas = (rw, n_kept * (rh + HEADER_PX + GAP_PX))
+    else:
+        canvas = (n_kept * (rw + GAP_PX), rh + HEADER_PX)
+    strip_w, strip_h = video_canvas_size(*canvas)
+    return image_token_count(strip_h // CROP, strip_w // CROP)
+
+
+@dataclass(slots=True)
+class VideoHeader:
+    """What the container says about a video, read without decoding a frame (see ``probe_video``)."""
+
+    n_frames: int
+    fps: float
+    width: int
+    height: int
+
+    @property
+    def indices(self) -> list[int]:
+        return sample_frame_indices(self.n_frames, self.fps)
+
+    @property
+    def n_tokens(self) -> int:
+        return video_tokens(len(self.indices), self.width, self.height)
+
+
+def probe_video(source, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> VideoHeader | None:
+    """Frame count, fps and frame size of a video from its container (PyAV; None when PyAV is not installed).
+
+    source: a path or a binary file object. The frame count is the number of demuxed packets of the video stream, as
+    ``read_video`` counts them (one pass over the packets, nothing decoded); the frame size is the stream's coded
+    size, decoding the first frame only when the container leaves it at 0. This gives the exact token count of every
+    video whose frames share the stream's size (a stream that changes resolution mid-way is measured again once
+    decoded). Raises MediaError (naming ``name``) for an unreadable video, no frames, or frames over max_pixels.
+    """
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        with av.open(source) as container:
+            stream = container.streams.best("video")
+            if stream is None:
+                raise MediaError("file has no video stream", path=name)
+            rate = stream.average_rate
+            fps = float(rate) if rate else float("nan")
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width > 0 and height > 0:
+                check_pixels(width, height, max_pixels, "video frame")
+            n_frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
+        if n_frames and (width < 1 or height < 1):  # size unknown to the container: decode one frame
+            if hasattr(source, "seek"):
+                source.seek(0)
+            with av.open(source) as container:
+                stream = container.streams.best("video")
+                frame = next(container.decode(stream), None)
+            if frame is None:
+                raise MediaError("no video frame could be decoded", path=name)
+            width, height = frame.width, frame.height
+            check_pixels(width, height, max_pixels, "video frame")
+    except MediaError as e:
+        if e.path is None:
+            raise MediaError(str(e), path=name) from e
+        raise
+    except Exception as e:  # PyAV raises av.error.* (OSError / ValueError subclasses) and others
+        raise MediaError(f"cannot read video with PyAV: {e}", path=name) from e
+    header = VideoHeader(n_frames, fps, width, height)
+    try:
+        header.indices  # noqa: B018  (no frames or a bad frame rate: this video's error, now)
+    except MediaError as e:
+        raise MediaError(str(e), path=name) from e
+    return header
