@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--format", default="safetensors", choices=["safetensors", "bin"],
                    help="weight files: safetensors, or .bin pickles like the hub's main branch (default safetensors)")
 
+    from ixc_engine.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub, fmt, _int_at_least)
     tr = sub.add_parser("train-rm", help="train a reward model on preference pairs (ixc-engine train-rm --help)",
                         add_help=False)  # every argument, --help included, goes to ixc_engine.training.cli
     tr.add_argument("rest", nargs=argparse.REMAINDER)
@@ -498,6 +501,12 @@ def cmd_train_rm(args) -> int:
     return train_main(args.rest)
 
 
+def cmd_serve(args) -> int:
+    from ixc_engine.serve.cli import cmd_serve as serve
+
+    return serve(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train-rm"]:  # its own parser (ixc_engine.training.cli), --help included
@@ -506,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     from ixc_engine.report.cli import cmd_report
 
     handlers = {"score": cmd_score, "filter": cmd_filter, "merge": cmd_merge, "init-tiny": cmd_init_tiny,
-                "train-rm": cmd_train_rm, "report": cmd_report}
+                "train-rm": cmd_train_rm, "report": cmd_report, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except (ValueError, RuntimeError, OSError) as exc:

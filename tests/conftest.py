@@ -39,3 +39,12 @@ def tokenizer():
     from ixc_engine.tokenizer import Tokenizer
 
     return Tokenizer.from_file(PACKAGED_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def demo_ref():
+    """The demo reward model (examples/demo-model, CPU) for expected values, shared by the serving tests: call it from
+    the test's own thread only (a served engine belongs to its server's scheduler thread)."""
+    from ixc_engine.api import RewardEngine
+
+    return RewardEngine.from_pretrained(REPO / "examples" / "demo-model", device="cpu")

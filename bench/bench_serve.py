@@ -1,0 +1,280 @@
+"""Serving throughput: `ixc-engine serve` at concurrency 1, 8, 64 vs direct `RewardEngine.score` on the same samples in
+the same run.
+
+Samples: the example corpus's scorable records (examples/corpus.jsonl: one 112x112 picture and a short chat each),
+sent as OpenRLHF sends them, one sample per POST /get_reward (the chat text with its markers, the image as a path below
+--media-root). The last `--warmup` samples warm up every scorer and are not timed, so all scorers start from the same
+cache state (first calls, allocator, prefix cache).
+
+Per concurrency level a fresh server process is started (a cold prefix cache, like the fresh direct engine) with the
+same torch threads; a minimal asyncio HTTP/1.1 client (kept-alive connections) keeps `c` requests in flight until
+every sample is answered. Printed per
+level: requests/s, p50/p99 latency, mean engine batch size (from /metrics); and the direct rows: one
+`RewardEngine.score` call over all samples (batched), and one call per sample. Rewards must equal the direct scores
+(fp32, 1e-5) or the run stops.
+
+    python bench/bench_serve.py                          # CPU, demo model, 1 torch thread, ~1-2 min on 2 cores
+    python bench/bench_serve.py --concurrency 1,8,64 --threads 1 --json serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from ixc_engine.api import RewardEngine, Sample
+from ixc_engine.corpus import read_corpus
+from ixc_engine.serve.chat import render_chat
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+def corpus_samples(corpus: Path = EXAMPLES / "corpus.jsonl") -> list[Sample]:
+    """The corpus's records that can be scored (the broken example lines left out)."""
+    out = []
+    for _, item in read_corpus(corpus):
+        roles_ok = isinstance(item, Sample) and all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") for m in item.messages)
+        if roles_ok and all(Path(m).is_file() for m in item.media):
+            out.append(item)
+    return out
+
+
+WORDS = ["the", "a", "picture", "shows", "two", "three", "red", "blue", "green", "square", "circle", "triangle",
+         "small", "large", "left", "right", "of", "and", "with", "near", "is", "on", "there", "answer", "because",
+         "first", "then", "so", "we", "get", "which", "means", "total"]
+
+
+def text_samples(n: int, seed: int = 0) -> list[Sample]:
+    """RL-style text rewards (what OpenRLHF sends): a question of 20-60 words and an answer of 20-150 words."""
+    import random
+
+    rng = random.Random(seed)
+
+    def words(lo, hi):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))).capitalize() + "."
+
+    return [Sample([{"role": "user", "content": words(20, 60)}, {"role": "assistant", "content": words(20, 150)}],
+                   [], id=i) for i in range(n)]
+
+
+def request_body(s: Sample, media_root: Path) -> dict:
+    body = {"query": [render_chat(s.messages, bos=True, eos="</s>")]}
+    if s.media:
+        body["images"] = [[os.path.relpath(m, media_root) for m in s.media]]
+    return body
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`ixc-engine serve` in a subprocess."""
+
+    def __init__(self, model: str, media_root: Path, threads: int, max_wait_ms: float, window: int) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "ixc_engine.cli", "serve", "--model", model, "--port", str(self.port),
+                    "--media-root", str(media_root), "--threads", str(threads), "--max-wait-ms", str(max_wait_ms),
+                    "--window", str(window), "--log-level", "warning", "--max-queue", "100000"]
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read().decode()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for name in ("ixc_batch_size_sum", "ixc_batch_size_count", "ixc_tokens_computed_total"):
+            m = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+            out[name] = float(m.group(1)) if m else float("nan")
+        return out
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def _post(reader, writer, host: str, path: str, payload: bytes) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on a kept-alive connection. A minimal client on purpose: on a 2-core machine a full client
+    library (httpx: ~3-7 ms CPU per request measured here) would use more CPU than the server and set the pace."""
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    if m is None:
+        raise RuntimeError(f"response without Content-Length: {head!r}")
+    return status, await reader.readexactly(int(m.group(1)))
+
+
+async def _drive(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], list[float], float]:
+    host, port = url.removeprefix("http://").split(":")
+    payloads = [json.dumps(b).encode() for b in bodies]
+    latencies = [0.0] * len(bodies)
+    rewards = [0.0] * len(bodies)
+    next_i = 0
+
+    async def worker():
+        nonlocal next_i
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while next_i < len(bodies):
+                i = next_i
+                next_i += 1
+                t0 = time.perf_counter()
+                status, data = await _post(reader, writer, host, "/get_reward", payloads[i])
+                latencies[i] = time.perf_counter() - t0
+                if status != 200:
+                    raise RuntimeError(f"request {i}: HTTP {status}: {data[:300]!r}")
+                rewards[i] = json.loads(data)["rewards"][0]
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return rewards, latencies, time.perf_counter() - t0
+
+
+def drive(url: str, bodies: list[dict], concurrency: int):
+    return asyncio.run(_drive(url, bodies, concurrency))
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def run(args, workload: str) -> dict:
+    torch.set_num_threads(args.threads)
+    samples = corpus_samples() if workload == "image" else text_samples(args.text_n + args.warmup)
+    warm, timed = samples[-args.warmup:], samples[:-args.warmup]
+    if args.n:
+        timed = timed[:args.n]
+    convs, media = [s.messages for s in timed], [s.media for s in timed]
+    rows = []
+
+    def fresh_engine():
+        eng = RewardEngine.from_pretrained(args.model, device="cpu")
+        eng.score([s.messages for s in warm], [s.media for s in warm])
+        return eng
+
+    eng = fresh_engine()
+    t0 = time.perf_counter()
+    want = eng.score(convs, media)
+    wall = time.perf_counter() - t0
+    rows.append({"scorer": "direct RewardEngine.score, one call", "concurrency": None,
+                 "requests_per_s": len(timed) / wall, "wall_s": wall})
+    eng = fresh_engine()
+    lat = []
+    t0 = time.perf_counter()
+    for c, m in zip(convs, media):
+        t1 = time.perf_counter()
+        eng.score([c], [m])
+        lat.append(time.perf_counter() - t1)
+    wall = time.perf_counter() - t0
+    rows.append({"scorer": "direct RewardEngine.score, one call per sample", "concurrency": 1,
+                 "requests_per_s": len(timed) / wall, "wall_s": wall, "p50_ms": 1e3 * pct(lat, 0.5),
+                 "p99_ms": 1e3 * pct(lat, 0.99)})
+    del eng
+
+    bodies = [request_body(s, EXAMPLES) for s in timed]
+    warm_bodies = [request_body(s, EXAMPLES) for s in warm]
+    for c in args.concurrency:
+        srv = Server(args.model, EXAMPLES, args.threads, args.max_wait_ms, args.window)
+        try:
+            drive(srv.url, warm_bodies, min(c, len(warm_bodies)))
+            m0 = srv.metrics()
+            rewards, lat, wall = drive(srv.url, bodies, c)
+            m1 = srv.metrics()
+        finally:
+            srv.stop()
+        diff = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(rewards, want))
+        if diff > 1e-5:
+            raise RuntimeError(f"concurrency {c}: rewards differ from RewardEngine.score by {diff:.2e}")
+        n_batches = m1["ixc_batch_size_count"] - m0["ixc_batch_size_count"]
+        rows.append({"scorer": "ixc-engine serve, POST /get_reward", "concurrency": c,
+                     "requests_per_s": len(timed) / wall, "wall_s": wall, "p50_ms": 1e3 * statistics.median(lat),
+                     "p99_ms": 1e3 * pct(lat, 0.99),
+                     "mean_batch": (m1["ixc_batch_size_sum"] - m0["ixc_batch_size_sum"]) / max(n_batches, 1),
+                     "max_reward_diff": diff})
+    return {"workload": workload, "rows": rows, "samples": len(timed), "warmup": len(warm)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(EXAMPLES / "demo-model"))
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64])
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the direct engine")
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--n", type=int, default=None, help="timed samples (default: all the corpus's but the warm-up)")
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--workload", type=lambda s: s.split(","), default=["text", "image"],
+                   help="text (RL-style chats, what OpenRLHF sends), image (the example corpus), or both (default)")
+    p.add_argument("--text-n", type=int, default=512, help="timed samples of the text workload (default 512)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    load = os.getloadavg()
+    t_start = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results = []
+    for workload in args.workload:
+        out = run(args, workload)
+        results.append(out)
+        batched = out["rows"][0]["requests_per_s"]
+        c1 = next((r["requests_per_s"] for r in out["rows"][2:] if r["concurrency"] == 1), None)
+        print(f"\n[{workload}] {out['samples']} samples (+{out['warmup']} warm-up), torch threads {args.threads}")
+        print(f"{'scorer':50s} {'conc':>5s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'batch':>6s} {'vs c=1':>7s} "
+              f"{'vs direct':>9s}")
+        for r in out["rows"]:
+            conc = "-" if r["concurrency"] is None else str(r["concurrency"])
+            vs1 = f"{r['requests_per_s'] / c1:.2f}x" if c1 and r["scorer"].startswith("ixc") else ""
+            print(f"{r['scorer']:50s} {conc:>5s} {r['requests_per_s']:8.2f} {r.get('p50_ms', float('nan')):8.1f} "
+                  f"{r.get('p99_ms', float('nan')):8.1f} {r.get('mean_batch', float('nan')):6.1f} {vs1:>7s} "
+                  f"{r['requests_per_s'] / batched:8.2f}x")
+    after = os.getloadavg()
+    print(f"\nload average (1 min) {load[0]:.1f} before, {after[0]:.1f} after; {os.cpu_count()} cores")
+    out = {"results": results, "command": "python " + " ".join(sys.argv), "start": t_start,
+           "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+           "load_before": load, "load_after": after}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
