@@ -385,15 +385,19 @@ def _build_programs(cu_seqlens_q, prefix_lens, num_tokens: int, block_m: int) ->
 
 def plan_paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, *, scale=1.0,
                                 block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                                num_stages: int | None = None) -> PagedAttentionPlan:
+                                num_stages: int | None = None, check_values: bool = True) -> PagedAttentionPlan:
     """Validate shapes and metadata values (one device sync) and build the Triton launch plan.
+
+    check_values=False skips the value checks and so the sync: for callers that built the metadata themselves
+    (the engine's runner), where a sync per batch would stall the host pipeline.
 
     Pass the result as `plan=` to `paged_prefix_attention` with the same metadata tensors to skip both the value
     checks and the table build on every layer. block_m (tokens per program, power of two), block_n (keys per
     tile, power of two >= 16), num_warps and num_stages override the defaults; block_m * next_pow2(Hq/Hkv) >= 16.
     """
     s = _check_args(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, scale)
-    _check_metadata_values(block_tables, prefix_lens, cu_seqlens_q, s)
+    if check_values:
+        _check_metadata_values(block_tables, prefix_lens, cu_seqlens_q, s)
     group_pad = _next_pow2(s.num_q_heads // s.num_kv_heads)
     dm, dn, dw, ds = _default_blocks(s.head_dim, group_pad, q.dtype, q.is_cuda)
     block_m = dm if block_m is None else block_m

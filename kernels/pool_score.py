@@ -52,7 +52,8 @@ class _Checked:
     head_weight: torch.Tensor  # [H], contiguous (a differentiable view/copy of the caller's tensor)
 
 
-def _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, prefix_count, dtypes) -> _Checked:
+def _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, prefix_count, dtypes,
+           host=None) -> _Checked:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
@@ -102,9 +103,14 @@ def _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, 
         if prefix_count.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"prefix_count must be int32 or int64, got {prefix_count.dtype}")
 
-    # One host sync for the whole validation (cu_seqlens and, with prefixes, prefix_count).
-    host = cu_seqlens if not has_prefix else torch.cat([cu_seqlens.long(), prefix_count.long()])
-    host = host.tolist()
+    # One host sync for the whole validation (cu_seqlens and, with prefixes, prefix_count), unless the caller has
+    # them on the host already (`host`: cu_seqlens values followed by prefix_count's).
+    if host is None:
+        host = cu_seqlens if not has_prefix else torch.cat([cu_seqlens.long(), prefix_count.long()])
+        host = host.tolist()
+    elif len(host) != B + 1 + (B if has_prefix else 0):
+        raise ValueError(f"host_metadata must hold the {B + 1} cu_seqlens values"
+                         + (f" and the {B} prefix_count values" if has_prefix else "") + f", got {len(host)}")
     cu, counts = host[: B + 1], (host[B + 1 :] if has_prefix else None)
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens[0] must be 0, got {cu[0]}")
@@ -382,8 +388,9 @@ class _PoolScoreFn(torch.autograd.Function):
 
 
 def _pool_score_triton(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e-5, prefix_sum=None,
-                       prefix_count=None, config: KernelConfig | None = None):
-    c = _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, prefix_count, _KERNEL_DTYPES)
+                       prefix_count=None, config: KernelConfig | None = None, host_metadata=None):
+    c = _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, prefix_count, _KERNEL_DTYPES,
+               host_metadata)
     T, H = c.hidden.shape
     B = cu_seqlens.numel() - 1
     cfg = config or default_config(H, B if mode == "last" else T, c.hidden.device)
@@ -393,7 +400,7 @@ def _pool_score_triton(hidden, norm_weight, head_weight, cu_seqlens, *, mode, ep
 
 
 def pool_score(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e-5, prefix_sum=None, prefix_count=None,
-               backend="auto"):
+               backend="auto", host_metadata: list[int] | None = None):
     """Fused final RMSNorm + score head + pooling over packed sequences.
 
     hidden ``[T, H]`` (fp32/bf16/fp16, last-dim stride 1 or it is copied), norm_weight ``[H]``, head_weight
@@ -401,7 +408,9 @@ def pool_score(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e-5, 
     sequence's last token; ``"mean"``: mean score over the sequence, continuing ``prefix_sum``/``prefix_count``
     when given) or fp32 ``[T]`` (``"token"``). Differentiable w.r.t. hidden, norm_weight, head_weight and
     prefix_sum. ``backend``: ``"auto"`` (the Triton kernel on CUDA, or on CPU when Triton's interpreter is on; the
-    torch reference otherwise), ``"triton"``, ``"torch"``.
+    torch reference otherwise), ``"triton"``, ``"torch"``. ``host_metadata``: the values of cu_seqlens (then of
+    prefix_count, when given) as host ints, for a caller that has them: the Triton path then validates with them
+    instead of reading the device tensors back (a sync).
 
     Precision: with bf16/fp16 ``hidden`` the whole chain (normalize, times norm_weight, dot with the head) stays in
     fp32. Upstream rounds the normalized row to the input dtype before the weight multiply and the head matmul
@@ -418,7 +427,7 @@ def pool_score(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e-5, 
     kwargs = {"mode": mode, "eps": eps, "prefix_sum": prefix_sum, "prefix_count": prefix_count}
     if backend == "torch":
         return pool_score_ref(hidden, norm_weight, head_weight, cu_seqlens, **kwargs)
-    return _pool_score_triton(hidden, norm_weight, head_weight, cu_seqlens, **kwargs)
+    return _pool_score_triton(hidden, norm_weight, head_weight, cu_seqlens, **kwargs, host_metadata=host_metadata)
 
 
 def compile_specs(cfg=None, max_batch_tokens: int = 16384, batch_seqs: int = 64) -> list[dict]:

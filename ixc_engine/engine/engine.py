@@ -185,34 +185,61 @@ class ScoringEngine:
 
     def _run_wave(self, wave: list[int], preps, hashes, results, to_compute: list[int]) -> None:
         """Token-budget batches of one wave, in order; the budget counts the tokens each sample will compute (its
-        length less the cached prefix found when the wave was formed)."""
+        length less the cached prefix found when the wave was formed).
+
+        Pipelined: batch k+1 is packed and queued on the device before batch k's scores are read back (the batch's
+        only sync), so the host's packing overlaps the device's work. With mean pooling and the cache, a batch's
+        per-block score sums must be known before the next batch may reuse its blocks: there each batch is read back
+        before the next one is launched."""
         order = self._host.plan_batches(
             np.array(to_compute, dtype=np.int64), self.cfg.max_batch_tokens, self.cfg.max_batch_seqs,
         )
-        for batch in order:
-            self._run_batch([wave[j] for j in batch], preps, hashes, results)
-
-    def _run_batch(self, idx: list[int], preps, hashes, results) -> None:
-        if not idx:
-            return
+        overlap = not (hashes is not None and self.pooling == "mean")
+        queued: list = []
         try:
-            self._run_batch_once(idx, preps, hashes, results)
+            for batch in order:
+                launched = self._run_batch([wave[j] for j in batch], preps, hashes, results)
+                if not overlap:
+                    queued += launched
+                while queued:
+                    queued.pop(0)()
+                queued = launched if overlap else []
+        finally:
+            while queued:  # read back what was launched, also when a later launch failed
+                queued.pop(0)()
+
+    def _run_batch(self, idx: list[int], preps, hashes, results) -> list:
+        """Launch one batch; returns the callables that read its scores back (several after an out-of-memory
+        split, whose halves run one after the other)."""
+        if not idx:
+            return []
+        try:
+            return [self._launch_batch(idx, preps, hashes, results)]
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             if len(idx) == 1:
                 results[idx[0]] = SampleError(f"out of memory scoring this sample alone ({preps[idx[0]].n_tokens} "
                                               f"tokens): {exc}")
-                return
+                return []
             self.stats.oom_splits += 1
             if self.runner.device.type == "cuda":
                 torch.cuda.empty_cache()
             half = len(idx) // 2
-            self._run_batch(idx[:half], preps, hashes, results)
-            self._run_batch(idx[half:], preps, hashes, results)
+            for finish in self._run_batch(idx[:half], preps, hashes, results):
+                finish()
+            return self._run_batch(idx[half:], preps, hashes, results)
 
-    def _run_batch_once(self, idx, preps, hashes, results) -> None:
+    def _launch_batch(self, idx, preps, hashes, results):
         plans: list[SeqPlan] = []
         held: list[list[int]] = []
         bs = self.cfg.block_size
+        want_sums = hashes is not None and self.pooling == "mean"
+
+        def release() -> None:
+            # Tail first: the LRU then evicts a sequence's last blocks before its (more shareable) first ones; a
+            # chain whose first block is gone can never match again.
+            for blocks in held:
+                self._blocks.release(blocks[::-1])
+
         try:
             for i in idx:
                 p = preps[i]
@@ -236,33 +263,49 @@ class ScoringEngine:
                 tables = [pl.block_table for pl in plans]
                 slot_mapping = self._host.build_slot_mapping(tables, starts, lens, bs)
                 block_tables = self._host.block_table_array(tables, None)
-            want_sums = hashes is not None and self.pooling == "mean"
-            out = self.runner.run(
+            pending = self.runner.launch(
                 plans, pooling=self.pooling, slot_mapping=slot_mapping, block_tables=block_tables,
                 want_block_sums=want_sums,
             )
-            if hashes is not None:
-                for k, (i, pl) in enumerate(zip(idx, plans)):
-                    if not self._shareable(preps[i]):
-                        continue
-                    first, last = pl.start // bs, preps[i].n_tokens // bs  # full blocks computed in this pass
-                    fresh = pl.block_table[first:last]
-                    self._blocks.register_blocks(fresh, hashes[i][first:last])
-                    if want_sums and fresh:
-                        self._block_sum[fresh] = out.block_sums[k]
-        finally:
-            # Tail first: the LRU then evicts a sequence's last blocks before its (more shareable) first ones; a
-            # chain whose first block is gone can never match again.
-            for blocks in held:
-                self._blocks.release(blocks[::-1])
-        for i, pl, s in zip(idx, plans, out.scores):
-            results[i] = s
-            self.stats.tokens_computed += pl.new_tokens
-            self.stats.prefix_tokens_reused += pl.start
-        self.stats.media_encoded += out.media_encoded
-        self.stats.crops_encoded += out.crops_encoded
-        self.stats.batches += 1
-        self.stats.gpu_seconds = self.runner.stats.gpu_seconds
+            if hashes is not None and not want_sums:
+                self._register(idx, plans, preps, hashes, None)
+        except BaseException:
+            release()
+            raise
+        if not want_sums:
+            # The next batch may reuse these blocks now: its device work is queued behind this batch's, in order.
+            release()
+
+        def finish() -> None:
+            try:
+                out = self.runner.finish(pending)
+                if want_sums:
+                    self._register(idx, plans, preps, hashes, out.block_sums)
+            finally:
+                if want_sums:
+                    release()
+            for i, pl, s in zip(idx, plans, out.scores):
+                results[i] = s
+                self.stats.tokens_computed += pl.new_tokens
+                self.stats.prefix_tokens_reused += pl.start
+            self.stats.media_encoded += out.media_encoded
+            self.stats.crops_encoded += out.crops_encoded
+            self.stats.batches += 1
+            self.stats.gpu_seconds = self.runner.stats.gpu_seconds
+
+        return finish
+
+    def _register(self, idx, plans, preps, hashes, block_sums) -> None:
+        """Put the full blocks each sequence computed in the prefix index (with their score sums for mean pooling)."""
+        bs = self.cfg.block_size
+        for k, (i, pl) in enumerate(zip(idx, plans)):
+            if not self._shareable(preps[i]):
+                continue
+            first, last = pl.start // bs, preps[i].n_tokens // bs  # full blocks computed in this pass
+            fresh = pl.block_table[first:last]
+            self._blocks.register_blocks(fresh, hashes[i][first:last])
+            if block_sums is not None and fresh:
+                self._block_sum[fresh] = block_sums[k]
 
     def _shareable(self, p: PreparedSample) -> bool:
         """Past max_position_embeddings the dynamic-NTK RoPE base depends on the sequence length, so cached K of
@@ -305,13 +348,17 @@ class ScoringEngine:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
 
+    FIRST_WINDOW = 8  # with workers: samples in the first window, so that the device starts while the next is made
+
     def _windows(self, samples) -> Iterator[list[tuple[int, Sample | SampleError]]]:
         window: list[tuple[int, Sample | SampleError]] = []
+        size = min(self.cfg.window, self.FIRST_WINDOW) if self.cfg.workers > 0 else self.cfg.window
         for counter, item in enumerate(samples):
             window.append(item if isinstance(item, tuple) else (counter, item))
-            if len(window) >= self.cfg.window:
+            if len(window) >= size:
                 yield window
                 window = []
+                size = self.cfg.window
         if window:
             yield window
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import MediaError
-from .image import CROP, MediaCrops, crops_from_canvas, to_tensor_normalized
+from .image import CROP, MediaCrops, canvas_crops
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".wmv")
 MAX_FRAMES = 32
@@ -282,4 +282,4 @@ def process_video(path: str | os.PathLike[str], backend: str | None = None, font
     """Full video path: sampled frames -> canvas -> 560-high strip -> normalised crops (kind='video')."""
     frames = read_video_frames(path, backend)
     strip = video_canvas_transform(frames_to_canvas(frames, font))
-    return crops_from_canvas(to_tensor_normalized(strip), kind="video")
+    return canvas_crops(strip, kind="video")
