@@ -71,13 +71,43 @@ def part_parity(ctx: dict) -> dict:
             err = max(abs(x - y) for x, y in zip(a, b)) / scale
             worst = max(worst, err)
             out["checks"].append({"pooling": pooling, "samples": name, "max_rel_diff": err, "ref": a, "device": b})
+        if ctx["device"] == "cuda":
+            out.setdefault("syncs", []).append(_count_syncs(dev, convs, [[photo]] * len(convs), ctx["hd_num_small"]))
     # bf16 against fp32 on the tiny model: README/RESULTS measured 0.2-0.7% on CPU; fp32 paths agree to ~1e-6
     out["tolerance"] = 2e-2 if ctx["dtype"] == "bf16" else 1e-4
     out["max_rel_diff"] = worst
     out["ok"] = worst <= out["tolerance"]
     out["rows"] = [(f"| parity (tiny, {ctx['dtype']} {ctx['device']} vs CPU fp32) | max relative score difference "
                     f"{worst:.2e} (tolerance {out['tolerance']:.0e}) | {'ok' if out['ok'] else 'FAIL'} |")]
+    for c in out.get("syncs", []):
+        out["rows"].append(f"| synchronising CUDA calls while scoring ({c['pooling']} pooling) | {c['syncs']} in "
+                           f"{c['batches']} batches (torch.cuda.set_sync_debug_mode) | one read-back per batch |")
     return out
+
+
+def _count_syncs(engine, convs, images, hd_num) -> dict:
+    """Synchronising CUDA calls during one `score` (torch's sync debug mode warns at each), with where they came from:
+    the host pipeline should have only the score read-back of each batch (two with mean pooling and the cache)."""
+    import warnings
+
+    import torch
+
+    torch.cuda.synchronize()
+    before = engine.stats()["batches"]
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.score(convs, images=images, hd_num=hd_num)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    where: dict[str, int] = {}
+    for w in syncs:
+        key = f"{Path(w.filename).name}:{w.lineno}"
+        where[key] = where.get(key, 0) + 1
+    return {"pooling": engine.config.pooling, "syncs": len(syncs), "batches": engine.stats()["batches"] - before,
+            "where": where}
 
 
 def part_pool_score(ctx: dict) -> dict:

@@ -142,3 +142,34 @@ def test_with_workers_the_first_window_is_small(tiny_ckpt):
     inline = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=EngineConfig(window=16))
     assert [len(w) for w in pooled.engine._windows(samples)] == [ScoringEngine.FIRST_WINDOW, 16, 6]
     assert [len(w) for w in inline.engine._windows(samples)] == [16, 14]
+
+
+def test_kernels_take_host_metadata_instead_of_reading_it_back():
+    from ixc_engine.kernels.paged_attention import paged_prefix_attention, plan_paged_prefix_attention
+    from ixc_engine.kernels.pool_score import pool_score
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 32, generator=g)
+    wn, wh = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    cu = torch.tensor([0, 5, 20, 37], dtype=torch.int32)
+    pc, ps = torch.tensor([0, 16, 3]), torch.randn(3, generator=g)
+    for mode, kw, host in (("last", {}, [0, 5, 20, 37]), ("token", {}, [0, 5, 20, 37]),
+                           ("mean", {"prefix_sum": ps, "prefix_count": pc}, [0, 5, 20, 37, 0, 16, 3])):
+        want = pool_score(hidden, wn, wh, cu, mode=mode, backend="triton", **kw)
+        got = pool_score(hidden, wn, wh, cu, mode=mode, backend="triton", host_metadata=host, **kw)
+        assert torch.equal(got, want), mode
+    with pytest.raises(ValueError, match="host_metadata"):
+        pool_score(hidden, wn, wh, cu, mode="mean", backend="triton", host_metadata=[0, 5, 20, 37], prefix_sum=ps,
+                   prefix_count=pc)
+
+    q, k, v = (torch.randn(9, h, 16, generator=g) for h in (4, 2, 2))
+    kc, vc = torch.randn(4, 16, 2, 16, generator=g), torch.randn(4, 16, 2, 16, generator=g)
+    tables = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32)
+    plens = torch.tensor([20, 5], dtype=torch.int32)
+    cuq = torch.tensor([0, 4, 9], dtype=torch.int32)
+    args = (q, k, v, kc, vc, tables, plens, cuq)
+    checked = plan_paged_prefix_attention(*args, scale=0.25)
+    trusted = plan_paged_prefix_attention(*args, scale=0.25, check_values=False)
+    assert torch.equal(trusted.programs, checked.programs)
+    assert torch.equal(paged_prefix_attention(*args, scale=0.25, backend="triton", plan=trusted),
+                       paged_prefix_attention(*args, scale=0.25, backend="triton", plan=checked))
