@@ -173,3 +173,30 @@ def test_kernels_take_host_metadata_instead_of_reading_it_back():
     assert torch.equal(trusted.programs, checked.programs)
     assert torch.equal(paged_prefix_attention(*args, scale=0.25, backend="triton", plan=trusted),
                        paged_prefix_attention(*args, scale=0.25, backend="triton", plan=checked))
+
+
+class WorkerKiller(Image.Image):
+    """A picture whose decoding kills the process that touches it (as an out-of-memory kill would)."""
+
+    def convert(self, *args, **kwargs):
+        import os
+
+        os._exit(3)
+
+
+@pytest.mark.slow  # starts three worker pools (each spawned worker imports torch)
+def test_a_sample_that_kills_workers_is_an_error_and_the_others_are_scored(tiny_ckpt, photo):
+    killer = WorkerKiller()
+    killer.__setstate__(Image.new("RGB", (64, 64)).__getstate__())
+    samples = _samples(photo)[:4]
+    samples.insert(1, Sample(PROMPT + [{"role": "assistant", "content": "x"}], [killer], id="killer"))
+    pooled = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=EngineConfig(window=3, workers=1))
+    inline = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=EngineConfig(window=3))
+    try:
+        got = list(pooled.score_stream(samples))
+    finally:
+        pooled.close()
+    want = list(inline.score_stream([s for s in samples if s.id != "killer"]))
+    assert [r.id for r in got] == [0, "killer", 1, 2, 3]
+    assert got[1].score is None and "killed a worker process twice" in got[1].error
+    assert [r.score for r in got if r.id != "killer"] == pytest.approx([r.score for r in want], rel=1e-5)

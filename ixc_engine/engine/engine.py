@@ -6,7 +6,8 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,8 +332,7 @@ class ScoringEngine:
 
     def _stream(self, samples, hd_num: int) -> Iterator[ScoreResult]:
         if self.cfg.workers > 0 and self._pool is None:  # kept for later calls (RL loops call score repeatedly)
-            # spawn, not fork: forking a process whose torch thread pools are running can deadlock the child
-            self._pool = ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = self._new_pool()
         pending = None
         for window in self._windows(samples):
             submitted = self._submit(window, self._pool, hd_num)
@@ -368,11 +368,46 @@ class ScoringEngine:
         if pool is None:
             return self.prepare(real, hd_num)
         args = [(self.tokenizer_path, s, hd_num, self.max_length) for s in real]
-        return [pool.submit(_prepare_worker, a) for a in args]
+        return [self._submit_one(pool, a) for a in args]
+
+    def _submit_one(self, pool, args) -> Future:
+        try:
+            fut = pool.submit(_prepare_worker, args)
+        except BrokenProcessPool as exc:  # broke while the previous window ran: retried in _worker_result
+            fut = Future()
+            fut.set_exception(exc)
+        fut.ixc_args, fut.ixc_pool = args, pool
+        return fut
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn, not fork: forking a process whose torch thread pools are running can deadlock the child
+        return ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def _worker_result(self, fut: Future):
+        """A worker's preparation of one sample. When a worker process died (killed for memory, a crash in a
+        decoder), every pending sample of that pool fails, not only the culprit: each is retried alone in a fresh
+        pool, and one that kills a worker twice becomes its own SampleError. Nothing is lost and the main process
+        never runs a sample that killed a worker."""
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            pass
+        for _ in range(2):
+            if self._pool is None or self._pool is fut.ixc_pool:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new_pool()
+            fut = self._submit_one(self._pool, fut.ixc_args)
+            try:
+                return fut.result()
+            except BrokenProcessPool:
+                continue
+        return SampleError("preparing this sample killed a worker process twice (out of memory, or a crash in an "
+                           "image or video decoder); it is not scored")
 
     def _finish(self, window, submitted) -> Iterator[ScoreResult]:
         t0 = time.perf_counter()
-        prepared = [f.result() if hasattr(f, "result") else f for f in submitted]
+        prepared = [self._worker_result(f) if isinstance(f, Future) else f for f in submitted]
         self.stats.cpu_seconds += time.perf_counter() - t0 if submitted and hasattr(submitted[0], "result") else 0.0
         real = [k for k, (_, s) in enumerate(window) if isinstance(s, Sample)]
         outcome: dict[int, PreparedSample | SampleError] = dict(zip(real, prepared))
