@@ -73,12 +73,26 @@ def part_parity(ctx: dict) -> dict:
             out["checks"].append({"pooling": pooling, "samples": name, "max_rel_diff": err, "ref": a, "device": b})
         if ctx["device"] == "cuda":
             out.setdefault("syncs", []).append(_count_syncs(dev, convs, [[photo]] * len(convs), ctx["hd_num_small"]))
+    # the device-side normalisation of uint8 sub-crops must give the CPU's float32 values bit for bit
+    from PIL import Image
+
+    from ixc_engine.media.image import hd_transform, normalize_uint8, process_image, to_tensor_normalized
+
+    img = Image.open(photo)
+    crops = process_image(img, 9)
+    host = to_tensor_normalized(hd_transform(img, 9))
+    dev_subs = normalize_uint8(crops.sub_uint8.to(ctx["device"])).cpu()
+    host_subs = host.reshape(3, crops.h, 560, crops.w, 560).permute(1, 3, 0, 2, 4).reshape(-1, 3, 560, 560)
+    out["uint8_normalisation_bit_identical"] = bool(torch.equal(dev_subs, host_subs))
     # bf16 against fp32 on the tiny model: README/RESULTS measured 0.2-0.7% on CPU; fp32 paths agree to ~1e-6
     out["tolerance"] = 2e-2 if ctx["dtype"] == "bf16" else 1e-4
     out["max_rel_diff"] = worst
-    out["ok"] = worst <= out["tolerance"]
+    out["ok"] = worst <= out["tolerance"] and out["uint8_normalisation_bit_identical"]
     out["rows"] = [(f"| parity (tiny, {ctx['dtype']} {ctx['device']} vs CPU fp32) | max relative score difference "
                     f"{worst:.2e} (tolerance {out['tolerance']:.0e}) | {'ok' if out['ok'] else 'FAIL'} |")]
+    out["rows"].append(f"| uint8 sub-crops normalised on {ctx['device']} vs the CPU's float32 | "
+                       f"{'bit-identical' if out['uint8_normalisation_bit_identical'] else 'DIFFERENT'} | "
+                       "bit-identical |")
     for c in out.get("syncs", []):
         out["rows"].append(f"| synchronising CUDA calls while scoring ({c['pooling']} pooling) | {c['syncs']} in "
                            f"{c['batches']} batches (torch.cuda.set_sync_debug_mode) | one read-back per batch |")

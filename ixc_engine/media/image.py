@@ -106,10 +106,16 @@ class MediaCrops:
 
 def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> float32 CLIP-normalised, bit-identical to ``to_tensor_normalized`` on any device:
-    x / 255, then - mean, then / std, each one correctly rounded fp32 operation in the same order."""
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1).to(x.device)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1).to(x.device)
-    return x.to(torch.float32).div_(255).sub_(mean).div_(std)
+    x / 255, then - mean, then / std, each one correctly rounded fp32 operation in the same order.
+
+    The constants are tensors on x's device, not Python scalars: CUDA divides by a host scalar as a multiplication by
+    its rounded reciprocal, which is not the CPU's division. They reach the GPU by a pinned, asynchronous copy (a
+    plain `.to(cuda)` would synchronise the stream)."""
+    consts = torch.tensor((255.0, *CLIP_MEAN, *CLIP_STD), dtype=torch.float32)
+    if x.device.type == "cuda":
+        consts = consts.pin_memory().to(x.device, non_blocking=True)
+    k255, mean, std = consts[0], consts[1:4].view(3, 1, 1), consts[4:7].view(3, 1, 1)
+    return x.to(torch.float32).div_(k255).sub_(mean).div_(std)
 
 
 def _check_hd_num(hd_num: int) -> int:
