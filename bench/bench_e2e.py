@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from harness import do_bench_median
 from PIL import Image
-from upstream_baseline import UpstreamBaseline
+from upstream_baseline import UpstreamBaseline, dense_crops
 
 from ixc_engine.api import RewardEngine
 from ixc_engine.config import ModelConfig
@@ -357,7 +357,7 @@ def bench_corpus(b: Bench, tmp: Path, n: int, warm: int, seed: int, sources: lis
     flops = prepared_flops(cfg, b.rank, preps)
     print(f"(a) corpus: {n} single-image samples at hd_num {b.hd_num}, {tokens} tokens "
           f"({tokens / n:.0f} per sample, {sum(len(p.media) for p in preps)} images, "
-          f"{sum(m.pixel_values.shape[0] for p in preps for m in p.media)} crops); useful work {flops.total:.3e} FLOP "
+          f"{sum(m.n_crops for p in preps for m in p.media)} crops); useful work {flops.total:.3e} FLOP "
           f"(LLM {flops.llm:.2e}, PLoRA {flops.plora:.2e}, attention {flops.attention:.2e}, ViT {flops.vit:.2e}, "
           f"projector {flops.projector:.2e})", flush=True)
     convs = [s.messages for s in samples]
@@ -380,7 +380,8 @@ def bench_corpus(b: Bench, tmp: Path, n: int, warm: int, seed: int, sources: lis
         if mode == "end-to-end":
             secs_b, s_b, base = b.run_baseline(lambda base: base.score_conversations(convs, images))
         else:
-            secs_b, s_b, base = b.run_baseline(lambda base: base.score_prepared(preps))
+            base_preps = dense_crops(preps)  # upstream's float32 crops, made before timing as the engine's were
+            secs_b, s_b, base = b.run_baseline(lambda base, bp=base_preps: base.score_prepared(bp))
         check_scores("engine", s_e)
         check_scores("baseline", s_b)
         diff = max(abs(x - y) for x, y in zip(s_e, s_b))

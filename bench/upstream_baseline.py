@@ -18,6 +18,7 @@ Only the algorithm differs from the engine; weights (`IXCRewardModel` modules), 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ixc_engine.engine.sequence import PreparedSample, Sample, prepare_sample
+from ixc_engine.media.image import MediaCrops
 from ixc_engine.models.reward_model import IXCRewardModel
 from ixc_engine.tokenizer import Tokenizer
 
@@ -85,6 +87,16 @@ def _rotate_half(t: torch.Tensor) -> torch.Tensor:
     return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
 
 
+def dense_crops(preps: list[PreparedSample]) -> list[PreparedSample]:
+    """The samples with every crop in float32 (the engine's preparation keeps sub-crops in uint8 and normalises them
+    on the device; upstream normalises all on the CPU and copies float32)."""
+    out = []
+    for p in preps:
+        media = [mc if not mc.compact else MediaCrops(mc.pixel_values, mc.h, mc.w, mc.kind) for mc in p.media]
+        out.append(dataclasses.replace(p, media=media))
+    return out
+
+
 @dataclass(slots=True)
 class UpstreamBaseline:
     """Scores samples the way upstream's `get_scores` does (see the module docstring).
@@ -114,9 +126,10 @@ class UpstreamBaseline:
 
     # --- request level --------------------------------------------------------------------------------------------
     def prepare(self, samples: list[Sample]) -> list[PreparedSample]:
-        """Template, tokens and crops of every sample, each image loaded for each sample that holds it (no cache)."""
-        return [prepare_sample(self.tokenizer, s, hd_num=self.hd_num, max_length=self.model.cfg.max_length)
-                for s in samples]
+        """Template, tokens and crops of every sample, each image loaded for each sample that holds it (no cache);
+        crops as upstream makes them: every one normalised to float32 on the CPU."""
+        return dense_crops([prepare_sample(self.tokenizer, s, hd_num=self.hd_num, max_length=self.model.cfg.max_length)
+                            for s in samples])
 
     def score(self, samples: list[Sample]) -> list[float]:
         return self.score_prepared(self.prepare(samples))
@@ -170,7 +183,7 @@ class UpstreamBaseline:
                 merged = self.model.encode_crops(mc.pixel_values.to(self.device, self.dtype))
                 emb = self.model.image_tokens(merged, mc.h, mc.w)
                 self.stats.vit_calls += 1
-                self.stats.crops_encoded += mc.pixel_values.shape[0]
+                self.stats.crops_encoded += mc.n_crops
                 parts.append(emb)
                 masks.append(torch.ones(emb.shape[0], dtype=torch.bool, device=self.device))
         return torch.cat(parts), torch.cat(masks)

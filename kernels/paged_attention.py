@@ -70,7 +70,9 @@ if triton is not None:
         acc = acc * alpha[:, None] + pv
         return acc, m_new, l_i
 
-    @triton.jit
+    # Per-batch integers are not specialised (a new value would recompile inside a timed call): the block-table row
+    # stride (its width follows the longest prefix of the batch).
+    @triton.jit(do_not_specialize=["stride_bt"])
     def _paged_prefix_attn_kernel(
         q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr,
         bt_ptr, plen_ptr, cu_ptr, prog_ptr,
@@ -121,12 +123,15 @@ if triton is not None:
         kc_head = kc_ptr + kvh * stride_kch
         vc_head = vc_ptr + kvh * stride_vch
         prefix_full = (plen // BLOCK_N) * BLOCK_N
+        # The page ids of tile i+1 are loaded in iteration i: the K/V addresses then do not wait on a load of the same
+        # iteration, so the software pipeliner can keep several K/V tiles in flight (>= 3 buffers).
+        page = tl.load(bt_row + n // PAGE, mask=n < prefix_full, other=0).to(tl.int64)
         for start in range(0, prefix_full, BLOCK_N):
-            pos = start + n
-            page = tl.load(bt_row + pos // PAGE).to(tl.int64)
-            off = pos % PAGE
+            off = (start + n) % PAGE
             kx = tl.load(kc_head + page[:, None] * stride_kcb + off[:, None] * stride_kcs + d[None, :])
             vx = tl.load(vc_head + page[:, None] * stride_vcb + off[:, None] * stride_vcs + d[None, :])
+            nxt = start + BLOCK_N + n
+            page = tl.load(bt_row + nxt // PAGE, mask=nxt < prefix_full, other=0).to(tl.int64)
             acc, m_i, l_i = _softmax_step(q, kx, vx, acc, m_i, l_i, qk_scale, row_ok[:, None], False, UPCAST, F32_DOT)
         if prefix_full < plen:
             pos = prefix_full + n
@@ -164,7 +169,7 @@ if triton is not None:
         o_ptrs = o_ptr + qtok[:, None] * stride_ot + (kvh * GROUP + g)[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens"])
     def _write_kv_kernel(
         k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, num_tokens,
         stride_kt, stride_kh, stride_vt, stride_vh,
@@ -381,15 +386,18 @@ def _build_programs(cu_seqlens_q, prefix_lens, num_tokens: int, block_m: int) ->
 
 def plan_paged_prefix_attention(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, *, scale=1.0,
                                 block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                                num_stages: int | None = None) -> PagedAttentionPlan:
+                                num_stages: int | None = None, check_values: bool = True) -> PagedAttentionPlan:
     """Validate shapes and metadata values (one device sync) and build the Triton launch plan.
+
+    check_values=False skips the value checks and so the sync: for callers that built the metadata themselves
+    (the engine's runner), where a sync per batch would stall the host pipeline.
 
     Pass the result as `plan=` to `paged_prefix_attention` with the same metadata tensors to skip both the value
     checks and the table build on every layer. block_m (tokens per program, power of two), block_n (keys per
     tile, power of two >= 16), num_warps and num_stages override the defaults; block_m * next_pow2(Hq/Hkv) >= 16.
     """
     s = _check_args(q, k, v, k_cache, v_cache, block_tables, prefix_lens, cu_seqlens_q, scale)
-    if not is_meta(q):  # meta tensors (the roofline model) carry no values to check
+    if check_values and not is_meta(q):  # meta tensors (the roofline model) carry no values to check
         _check_metadata_values(block_tables, prefix_lens, cu_seqlens_q, s)
     group_pad = _next_pow2(s.num_q_heads // s.num_kv_heads)
     dm, dn, dw, ds = _default_blocks(s.head_dim, group_pad, q.dtype, q.is_cuda)
@@ -591,7 +599,7 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto
     tq = k.shape[0]
     if tq == 0:
         return
-    block_t = max(1, min(64, 4096 // (_next_pow2(hkv) * d)))
+    block_t = _write_kv_block(hkv, d)
     _write_kv_kernel[(triton.cdiv(tq, block_t),)](
         k, v, k_cache, v_cache, slot_mapping.contiguous(), tq,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -599,3 +607,53 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=hkv, HEADS_PAD=_next_pow2(hkv), HEAD_DIM=d, PAGE=bs, BLOCK_T=block_t,
     )
+
+
+def _write_kv_block(num_kv_heads: int, head_dim: int) -> int:
+    """Tokens per program of the KV write: ~4k elements per K (and V) tile."""
+    return max(1, min(64, 4096 // (_next_pow2(num_kv_heads) * head_dim)))
+
+
+def compile_specs(cfg=None, page: int = 16) -> list[dict]:
+    """Launch configurations the host wrappers pick on a GPU for the model `cfg` (default: the released 7B), in bf16
+    and fp32, for ahead-of-time compile checks (see kernels/_specs.py). page: the KV block size (the engine's default).
+    Integer values are those the wrappers pass for InternLM2's layout (q, k after RoPE contiguous, v a slice of the
+    packed wqkv output)."""
+    from ixc_engine.config import ModelConfig
+
+    from ._specs import kernel_spec, triton_type
+
+    cfg = cfg or ModelConfig()
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    group = hq // hkv
+    qkv_row = (hq + 2 * hkv) * d
+    specs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        t = triton_type(dtype)
+        tag = "bf16" if dtype == torch.bfloat16 else "fp32"
+        block_m, block_n, warps, stages = _default_blocks(d, _next_pow2(group), dtype, True)
+        cache = {"stride_kcb": page * hkv * d, "stride_kcs": hkv * d, "stride_kch": d,
+                 "stride_vcb": page * hkv * d, "stride_vcs": hkv * d, "stride_vch": d}
+        specs.append(kernel_spec(
+            f"paged_prefix_attn[{tag}]", _paged_prefix_attn_kernel,
+            pointers={"q_ptr": t, "k_ptr": t, "v_ptr": t, "kc_ptr": t, "vc_ptr": t, "o_ptr": t,
+                      "bt_ptr": "*i32", "plen_ptr": "*i32", "cu_ptr": "*i32", "prog_ptr": "*i32"},
+            ints={"stride_qt": hq * d, "stride_qkv": group * d, "stride_qg": d,
+                  "stride_kt": hkv * d, "stride_kh": d, "stride_vt": qkv_row, "stride_vh": (group + 2) * d,
+                  **cache, "stride_ot": hq * d, "stride_oh": d, "stride_bt": 37},
+            floats=("qk_scale",),
+            constexprs={"NUM_KV_HEADS": hkv, "GROUP": group, "GROUP_PAD": _next_pow2(group), "HEAD_DIM": d,
+                        "PAGE": page, "BLOCK_M": block_m, "BLOCK_N": block_n, "UPCAST": False,
+                        "F32_DOT": dtype == torch.float32},
+            num_warps=warps, num_stages=stages, per_batch=("stride_bt",), dtype=tag,
+        ))
+        specs.append(kernel_spec(
+            f"write_kv[{tag}]", _write_kv_kernel,
+            pointers={"k_ptr": t, "v_ptr": t, "kc_ptr": t, "vc_ptr": t, "slot_ptr": "*i64"},
+            ints={"num_tokens": 3301, "stride_kt": hkv * d, "stride_kh": d, "stride_vt": qkv_row,
+                  "stride_vh": (group + 2) * d, **cache},
+            constexprs={"NUM_KV_HEADS": hkv, "HEADS_PAD": _next_pow2(hkv), "HEAD_DIM": d, "PAGE": page,
+                        "BLOCK_T": _write_kv_block(hkv, d)},
+            num_warps=4, num_stages=3, per_batch=("num_tokens",), dtype=tag,  # Triton's launch defaults
+        ))
+    return specs

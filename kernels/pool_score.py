@@ -53,7 +53,8 @@ class _Checked:
     head_weight: torch.Tensor  # [H], contiguous (a differentiable view/copy of the caller's tensor)
 
 
-def _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, prefix_count, dtypes) -> _Checked:
+def _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, prefix_count, dtypes,
+           host=None) -> _Checked:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
@@ -105,9 +106,14 @@ def _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, 
 
     if is_meta(hidden):  # the roofline model: meta tensors carry no values to check
         return _Checked(hidden, norm_weight, head_weight.reshape(H))
-    # One host sync for the whole validation (cu_seqlens and, with prefixes, prefix_count).
-    host = cu_seqlens if not has_prefix else torch.cat([cu_seqlens.long(), prefix_count.long()])
-    host = host.tolist()
+    # One host sync for the whole validation (cu_seqlens and, with prefixes, prefix_count), unless the caller has
+    # them on the host already (`host`: cu_seqlens values followed by prefix_count's).
+    if host is None:
+        host = cu_seqlens if not has_prefix else torch.cat([cu_seqlens.long(), prefix_count.long()])
+        host = host.tolist()
+    elif len(host) != B + 1 + (B if has_prefix else 0):
+        raise ValueError(f"host_metadata must hold the {B + 1} cu_seqlens values"
+                         + (f" and the {B} prefix_count values" if has_prefix else "") + f", got {len(host)}")
     cu, counts = host[: B + 1], (host[B + 1 :] if has_prefix else None)
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens[0] must be 0, got {cu[0]}")
@@ -170,7 +176,8 @@ def pool_score_ref(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e
 
 if triton is not None:
 
-    @triton.jit
+    # n_rows (and rows_per_prog below) change with every batch: not specialised, so a new value does not recompile.
+    @triton.jit(do_not_specialize=["n_rows"])
     def _pool_score_fwd_kernel(
         x_ptr, stride_xt, wn_ptr, wh_ptr, idx_ptr, s_ptr, rstd_ptr, n_rows, H, eps,
         USE_IDX: tl.constexpr, STORE_RSTD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -218,7 +225,7 @@ if triton is not None:
             count += tl.load(pcnt_ptr + b).to(tl.float32)
         tl.store(out_ptr + b, total / count)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows", "rows_per_prog"])
     def _pool_score_bwd_kernel(
         x_ptr, stride_xt, dx_ptr, stride_dxt, wn_ptr, wh_ptr, idx_ptr, g_ptr, s_ptr, rstd_ptr, part_ptr,
         n_rows, H, rows_per_prog,
@@ -279,11 +286,18 @@ def default_config(H: int, n_rows: int, device: torch.device) -> KernelConfig:
     if device.type != "cuda":
         # TRITON_INTERPRET: every program instance costs milliseconds, so few programs with big tiles.
         return KernelConfig(64, min(hp2, 1024), 4, 64, min(hp2, 1024), 4, 4, 1024)
+    return _gpu_config(H, n_rows, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def _gpu_config(H: int, n_rows: int, sms: int) -> KernelConfig:
+    hp2 = triton.next_power_of_2(H)
     block_h = min(hp2, 4096)
     # Few rows (mode="last"): one row per program for parallelism; many rows: ~8k elements per tile.
     block_t = 1 if n_rows < 8192 else max(1, min(4, 8192 // block_h))
-    warps = 8 if block_t * block_h >= 4096 else 4
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # Tiles up to 4k elements: 8 per thread (one 16-byte bf16 load); ptxas spills at 16 per thread (sm_90a, H=4096:
+    # 64 registers and 4 bytes of spill with 8 warps; see bench/compile_table.py). Bigger tiles: 8 warps, >= 32 each.
+    tile = block_t * block_h
+    warps = min(16, max(4, tile // 256)) if tile <= 4096 else 8
     return KernelConfig(block_t, block_h, warps, 8, min(hp2, 512), 4, 4 * sms, 1024)
 
 
@@ -377,8 +391,9 @@ class _PoolScoreFn(torch.autograd.Function):
 
 
 def _pool_score_triton(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e-5, prefix_sum=None,
-                       prefix_count=None, config: KernelConfig | None = None):
-    c = _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, prefix_count, _KERNEL_DTYPES)
+                       prefix_count=None, config: KernelConfig | None = None, host_metadata=None):
+    c = _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, prefix_count, _KERNEL_DTYPES,
+               host_metadata)
     T, H = c.hidden.shape
     B = cu_seqlens.numel() - 1
     cfg = config or default_config(H, B if mode == "last" else T, c.hidden.device)
@@ -407,7 +422,7 @@ def _pool_score_meta(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps,
 
 
 def pool_score(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e-5, prefix_sum=None, prefix_count=None,
-               backend="auto"):
+               backend="auto", host_metadata: list[int] | None = None):
     """Fused final RMSNorm + score head + pooling over packed sequences.
 
     hidden ``[T, H]`` (fp32/bf16/fp16, last-dim stride 1 or it is copied), norm_weight ``[H]``, head_weight
@@ -415,7 +430,9 @@ def pool_score(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e-5, 
     sequence's last token; ``"mean"``: mean score over the sequence, continuing ``prefix_sum``/``prefix_count``
     when given) or fp32 ``[T]`` (``"token"``). Differentiable w.r.t. hidden, norm_weight, head_weight and
     prefix_sum. ``backend``: ``"auto"`` (the Triton kernel on CUDA, or on CPU when Triton's interpreter is on; the
-    torch reference otherwise), ``"triton"``, ``"torch"``.
+    torch reference otherwise), ``"triton"``, ``"torch"``. ``host_metadata``: the values of cu_seqlens (then of
+    prefix_count, when given) as host ints, for a caller that has them: the Triton path then validates with them
+    instead of reading the device tensors back (a sync).
 
     Precision: with bf16/fp16 ``hidden`` the whole chain (normalize, times norm_weight, dot with the head) stays in
     fp32. Upstream rounds the normalized row to the input dtype before the weight multiply and the head matmul
@@ -435,4 +452,47 @@ def pool_score(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e-5, 
     kwargs = {"mode": mode, "eps": eps, "prefix_sum": prefix_sum, "prefix_count": prefix_count}
     if backend == "torch":
         return pool_score_ref(hidden, norm_weight, head_weight, cu_seqlens, **kwargs)
-    return _pool_score_triton(hidden, norm_weight, head_weight, cu_seqlens, **kwargs)
+    return _pool_score_triton(hidden, norm_weight, head_weight, cu_seqlens, **kwargs, host_metadata=host_metadata)
+
+
+def compile_specs(cfg=None, max_batch_tokens: int = 16384, batch_seqs: int = 64) -> list[dict]:
+    """Launch configurations `pool_score` picks on a GPU at the model `cfg`'s hidden size (default: the released 7B)
+    in bf16 and fp32, for ahead-of-time compile checks (see kernels/_specs.py): scoring (mode "last" over
+    `batch_seqs` rows, "mean" over a full token budget) and training (forward saving rstd, backward)."""
+    from ixc_engine.config import ModelConfig
+
+    from ._specs import kernel_spec, triton_type
+
+    H = (cfg or ModelConfig()).hidden_size
+    specs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        t = triton_type(dtype)
+        tag = "bf16" if dtype == torch.bfloat16 else "fp32"
+        fwd_ptrs = {"x_ptr": t, "wn_ptr": t, "wh_ptr": t, "idx_ptr": "*i32", "s_ptr": "*fp32", "rstd_ptr": "*fp32"}
+        for mode, n_rows, store in (("last", batch_seqs, False), ("mean", max_batch_tokens, False),
+                                    ("last+rstd", batch_seqs, True)):
+            cfg_k = _gpu_config(H, n_rows, sms=132)
+            specs.append(kernel_spec(
+                f"pool_score_fwd[{mode},{tag}]", _pool_score_fwd_kernel, pointers=fwd_ptrs,
+                ints={"stride_xt": H, "n_rows": n_rows, "H": H}, floats=("eps",),
+                constexprs={"USE_IDX": mode != "mean", "STORE_RSTD": store, "BLOCK_T": cfg_k.fwd_block_t,
+                            "BLOCK_H": cfg_k.fwd_block_h},
+                num_warps=cfg_k.fwd_warps, num_stages=3, per_batch=("n_rows",), dtype=tag,
+            ))
+        cfg_k = _gpu_config(H, batch_seqs, sms=132)
+        specs.append(kernel_spec(
+            f"pool_score_bwd[last,{tag}]", _pool_score_bwd_kernel,
+            pointers={"x_ptr": t, "dx_ptr": t, "wn_ptr": t, "wh_ptr": t, "idx_ptr": "*i32", "g_ptr": "*fp32",
+                      "s_ptr": "*fp32", "rstd_ptr": "*fp32", "part_ptr": "*fp32"},
+            ints={"stride_xt": H, "stride_dxt": H, "n_rows": batch_seqs, "H": H, "rows_per_prog": 1},
+            constexprs={"USE_IDX": True, "COMPUTE_DX": True, "COMPUTE_DW": True, "BLOCK_T": cfg_k.bwd_block_t,
+                        "BLOCK_H": cfg_k.bwd_block_h},
+            num_warps=cfg_k.bwd_warps, num_stages=3, per_batch=("n_rows", "rows_per_prog"), dtype=tag,
+        ))
+    specs.append(kernel_spec(
+        "segment_mean[fp32]", _segment_mean_kernel,
+        pointers={"s_ptr": "*fp32", "cu_ptr": "*i32", "psum_ptr": "*fp32", "pcnt_ptr": "*i64", "out_ptr": "*fp32"},
+        constexprs={"HAS_PREFIX": True, "BLOCK": _gpu_config(H, max_batch_tokens, sms=132).seg_block},
+        num_warps=4, num_stages=3, dtype="fp32",
+    ))
+    return specs

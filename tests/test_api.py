@@ -110,14 +110,14 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_ckpt, monkeypatch
     want = eng.score(convs)
     from ixc_engine.engine.runner import ModelRunner
 
-    real_run = ModelRunner.run
+    real_launch = ModelRunner.launch  # the engine queues batches with launch (an allocation fails there)
 
     def flaky(self, plans, **kw):  # pretend the device cannot hold more than two sequences at once
         if len(plans) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_run(self, plans, **kw)
+        return real_launch(self, plans, **kw)
 
-    monkeypatch.setattr(ModelRunner, "run", flaky)
+    monkeypatch.setattr(ModelRunner, "launch", flaky)
     assert eng.score(convs) == pytest.approx(want, rel=1e-5)
     assert eng.stats()["oom_splits"] >= 2
 

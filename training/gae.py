@@ -53,7 +53,8 @@ def gae_ref(
 
 if triton is not None:
 
-    @triton.jit
+    # B and T change with every rollout batch: not specialised, so a new value does not recompile.
+    @triton.jit(do_not_specialize=["B", "T"])
     def _gae_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, B, T, gamma, gamma_lam, BLOCK_B: tl.constexpr):
         # One program owns BLOCK_B rows and walks t = T-1 .. 0 carrying (V, A) of the next valid position.
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -84,11 +85,34 @@ def _gae_triton(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
         return adv, ret
     # Rows are independent, T is sequential: on a GPU small row blocks give more programs; the interpreter
     # pays per program instance, so it takes all rows at once.
-    cap = 256 if r.device.type == "cpu" else 32
-    block_b = min(max(triton.next_power_of_2(B), 16), cap)
+    block_b = _block_b(B, r.device.type == "cuda")
     grid = (triton.cdiv(B, block_b),)
     _gae_kernel[grid](r, v, m, adv, ret, B, T, float(gamma), float(gamma * lam), BLOCK_B=block_b)
     return adv, ret
+
+
+def _block_b(B: int, on_gpu: bool) -> int:
+    cap = 32 if on_gpu else 256
+    return min(max(triton.next_power_of_2(B), 16), cap)
+
+
+def compile_specs(batch_rows: tuple[int, ...] = (8, 64)) -> list[dict]:
+    """Launch configurations of the GAE kernel on a GPU for rollout batches of `batch_rows` rows (small and large),
+    for ahead-of-time compile checks (see ixc_engine/kernels/_specs.py). Inputs are cast to fp32 first."""
+    from ..kernels._specs import kernel_spec
+
+    specs = []
+    for B in batch_rows:
+        block_b = _block_b(B, True)
+        if any(s["constexprs"]["BLOCK_B"] == block_b for s in specs):
+            continue
+        specs.append(kernel_spec(
+            f"gae[BLOCK_B={block_b},fp32]", _gae_kernel,
+            pointers={"r_ptr": "*fp32", "v_ptr": "*fp32", "m_ptr": "*u8", "adv_ptr": "*fp32", "ret_ptr": "*fp32"},
+            ints={"B": B, "T": 301}, floats=("gamma", "gamma_lam"), constexprs={"BLOCK_B": block_b},
+            num_warps=4, num_stages=3, per_batch=("B", "T"), dtype="fp32",
+        ))
+    return specs
 
 
 def _check_inputs(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, backend: str) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,34 +193,61 @@ class ScoringEngine:
 
     def _run_wave(self, wave: list[int], preps, hashes, results, to_compute: list[int]) -> None:
         """Token-budget batches of one wave, in order; the budget counts the tokens each sample will compute (its
-        length less the cached prefix found when the wave was formed)."""
+        length less the cached prefix found when the wave was formed).
+
+        Pipelined: batch k+1 is packed and queued on the device before batch k's scores are read back (the batch's
+        only sync), so the host's packing overlaps the device's work. With mean pooling and the cache, a batch's
+        per-block score sums must be known before the next batch may reuse its blocks: there each batch is read back
+        before the next one is launched."""
         order = self._host.plan_batches(
             np.array(to_compute, dtype=np.int64), self.cfg.max_batch_tokens, self.cfg.max_batch_seqs,
         )
-        for batch in order:
-            self._run_batch([wave[j] for j in batch], preps, hashes, results)
-
-    def _run_batch(self, idx: list[int], preps, hashes, results) -> None:
-        if not idx:
-            return
+        overlap = not (hashes is not None and self.pooling == "mean")
+        queued: list = []
         try:
-            self._run_batch_once(idx, preps, hashes, results)
+            for batch in order:
+                launched = self._run_batch([wave[j] for j in batch], preps, hashes, results)
+                if not overlap:
+                    queued += launched
+                while queued:
+                    queued.pop(0)()
+                queued = launched if overlap else []
+        finally:
+            while queued:  # read back what was launched, also when a later launch failed
+                queued.pop(0)()
+
+    def _run_batch(self, idx: list[int], preps, hashes, results) -> list:
+        """Launch one batch; returns the callables that read its scores back (several after an out-of-memory
+        split, whose halves run one after the other)."""
+        if not idx:
+            return []
+        try:
+            return [self._launch_batch(idx, preps, hashes, results)]
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             if len(idx) == 1:
                 results[idx[0]] = SampleError(f"out of memory scoring this sample alone ({preps[idx[0]].n_tokens} "
                                               f"tokens): {exc}")
-                return
+                return []
             self.stats.oom_splits += 1
             if self.runner.device.type == "cuda":
                 torch.cuda.empty_cache()
             half = len(idx) // 2
-            self._run_batch(idx[:half], preps, hashes, results)
-            self._run_batch(idx[half:], preps, hashes, results)
+            for finish in self._run_batch(idx[:half], preps, hashes, results):
+                finish()
+            return self._run_batch(idx[half:], preps, hashes, results)
 
-    def _run_batch_once(self, idx, preps, hashes, results) -> None:
+    def _launch_batch(self, idx, preps, hashes, results):
         plans: list[SeqPlan] = []
         held: list[list[int]] = []
         bs = self.cfg.block_size
+        want_sums = hashes is not None and self.pooling == "mean"
+
+        def release() -> None:
+            # Tail first: the LRU then evicts a sequence's last blocks before its (more shareable) first ones; a
+            # chain whose first block is gone can never match again.
+            for blocks in held:
+                self._blocks.release(blocks[::-1])
+
         try:
             for i in idx:
                 p = preps[i]
@@ -243,33 +271,49 @@ class ScoringEngine:
                 tables = [pl.block_table for pl in plans]
                 slot_mapping = self._host.build_slot_mapping(tables, starts, lens, bs)
                 block_tables = self._host.block_table_array(tables, None)
-            want_sums = hashes is not None and self.pooling == "mean"
-            out = self.runner.run(
+            pending = self.runner.launch(
                 plans, pooling=self.pooling, slot_mapping=slot_mapping, block_tables=block_tables,
                 want_block_sums=want_sums,
             )
-            if hashes is not None:
-                for k, (i, pl) in enumerate(zip(idx, plans)):
-                    if not self._shareable(preps[i]):
-                        continue
-                    first, last = pl.start // bs, preps[i].n_tokens // bs  # full blocks computed in this pass
-                    fresh = pl.block_table[first:last]
-                    self._blocks.register_blocks(fresh, hashes[i][first:last])
-                    if want_sums and fresh:
-                        self._block_sum[fresh] = out.block_sums[k]
-        finally:
-            # Tail first: the LRU then evicts a sequence's last blocks before its (more shareable) first ones; a
-            # chain whose first block is gone can never match again.
-            for blocks in held:
-                self._blocks.release(blocks[::-1])
-        for i, pl, s in zip(idx, plans, out.scores):
-            results[i] = s
-            self.stats.tokens_computed += pl.new_tokens
-            self.stats.prefix_tokens_reused += pl.start
-        self.stats.media_encoded += out.media_encoded
-        self.stats.crops_encoded += out.crops_encoded
-        self.stats.batches += 1
-        self.stats.gpu_seconds = self.runner.stats.gpu_seconds
+            if hashes is not None and not want_sums:
+                self._register(idx, plans, preps, hashes, None)
+        except BaseException:
+            release()
+            raise
+        if not want_sums:
+            # The next batch may reuse these blocks now: its device work is queued behind this batch's, in order.
+            release()
+
+        def finish() -> None:
+            try:
+                out = self.runner.finish(pending)
+                if want_sums:
+                    self._register(idx, plans, preps, hashes, out.block_sums)
+            finally:
+                if want_sums:
+                    release()
+            for i, pl, s in zip(idx, plans, out.scores):
+                results[i] = s
+                self.stats.tokens_computed += pl.new_tokens
+                self.stats.prefix_tokens_reused += pl.start
+            self.stats.media_encoded += out.media_encoded
+            self.stats.crops_encoded += out.crops_encoded
+            self.stats.batches += 1
+            self.stats.gpu_seconds = self.runner.stats.gpu_seconds
+
+        return finish
+
+    def _register(self, idx, plans, preps, hashes, block_sums) -> None:
+        """Put the full blocks each sequence computed in the prefix index (with their score sums for mean pooling)."""
+        bs = self.cfg.block_size
+        for k, (i, pl) in enumerate(zip(idx, plans)):
+            if not self._shareable(preps[i]):
+                continue
+            first, last = pl.start // bs, preps[i].n_tokens // bs  # full blocks computed in this pass
+            fresh = pl.block_table[first:last]
+            self._blocks.register_blocks(fresh, hashes[i][first:last])
+            if block_sums is not None and fresh:
+                self._block_sum[fresh] = block_sums[k]
 
     def _shareable(self, p: PreparedSample) -> bool:
         """Past max_position_embeddings the dynamic-NTK RoPE base depends on the sequence length, so cached K of
@@ -295,8 +339,7 @@ class ScoringEngine:
 
     def _stream(self, samples, hd_num: int) -> Iterator[ScoreResult]:
         if self.cfg.workers > 0 and self._pool is None:  # kept for later calls (RL loops call score repeatedly)
-            # spawn, not fork: forking a process whose torch thread pools are running can deadlock the child
-            self._pool = ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = self._new_pool()
         pending = None
         for window in self._windows(samples):
             submitted = self._submit(window, self._pool, hd_num)
@@ -312,13 +355,17 @@ class ScoringEngine:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
 
+    FIRST_WINDOW = 8  # with workers: samples in the first window, so that the device starts while the next is made
+
     def _windows(self, samples) -> Iterator[list[tuple[int, Sample | SampleError]]]:
         window: list[tuple[int, Sample | SampleError]] = []
+        size = min(self.cfg.window, self.FIRST_WINDOW) if self.cfg.workers > 0 else self.cfg.window
         for counter, item in enumerate(samples):
             window.append(item if isinstance(item, tuple) else (counter, item))
-            if len(window) >= self.cfg.window:
+            if len(window) >= size:
                 yield window
                 window = []
+                size = self.cfg.window
         if window:
             yield window
 
@@ -329,11 +376,46 @@ class ScoringEngine:
             return self.prepare(real, hd_num)
         args = [(self.tokenizer_path, s, hd_num, self.max_length, self.cfg.max_media, self.cfg.max_image_pixels)
                 for s in real]
-        return [pool.submit(_prepare_worker, a) for a in args]
+        return [self._submit_one(pool, a) for a in args]
+
+    def _submit_one(self, pool, args) -> Future:
+        try:
+            fut = pool.submit(_prepare_worker, args)
+        except BrokenProcessPool as exc:  # broke while the previous window ran: retried in _worker_result
+            fut = Future()
+            fut.set_exception(exc)
+        fut.ixc_args, fut.ixc_pool = args, pool
+        return fut
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn, not fork: forking a process whose torch thread pools are running can deadlock the child
+        return ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def _worker_result(self, fut: Future):
+        """A worker's preparation of one sample. When a worker process died (killed for memory, a crash in a
+        decoder), every pending sample of that pool fails, not only the culprit: each is retried alone in a fresh
+        pool, and one that kills a worker twice becomes its own SampleError. Nothing is lost and the main process
+        never runs a sample that killed a worker."""
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            pass
+        for _ in range(2):
+            if self._pool is None or self._pool is fut.ixc_pool:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new_pool()
+            fut = self._submit_one(self._pool, fut.ixc_args)
+            try:
+                return fut.result()
+            except BrokenProcessPool:
+                continue
+        return SampleError("preparing this sample killed a worker process twice (out of memory, or a crash in an "
+                           "image or video decoder); it is not scored")
 
     def _finish(self, window, submitted) -> Iterator[ScoreResult]:
         t0 = time.perf_counter()
-        prepared = [f.result() if hasattr(f, "result") else f for f in submitted]
+        prepared = [self._worker_result(f) if isinstance(f, Future) else f for f in submitted]
         self.stats.cpu_seconds += time.perf_counter() - t0 if submitted and hasattr(submitted[0], "result") else 0.0
         real = [k for k, (_, s) in enumerate(window) if isinstance(s, Sample)]
         outcome: dict[int, PreparedSample | SampleError] = dict(zip(real, prepared))

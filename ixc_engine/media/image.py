@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,31 +38,87 @@ def image_token_count(h: int, w: int) -> int:
     return (h * w + 1) * 400 + 1 + (h + 1) * 20
 
 
-@dataclass(slots=True)
 class MediaCrops:
     """The ViT input of one image or video.
 
     pixel_values: [1 + h*w, 3, 560, 560] float32, order [global, sub_0, ..., sub_{h*w-1}] (raster order).
+
+    Compact form (what preprocessing makes): the global view in float32 ([1, 3, 560, 560], a bicubic resize of the
+    normalised canvas, so it has no exact uint8 form) and the sub-crops as the canvas's own uint8 pixels
+    (``sub_uint8`` [h*w, 3, 560, 560]); ``normalize_uint8`` turns them into exactly the float32 values
+    ``to_tensor_normalized`` gives (the same three IEEE operations), on whichever device they are. A quarter of the
+    bytes to pickle from workers and to copy to the GPU. ``pixel_values`` builds the dense float32 tensor on demand.
     """
 
-    pixel_values: torch.Tensor
-    h: int
-    w: int
-    kind: str = "image"
+    __slots__ = ("_dense", "global_view", "h", "kind", "sub_uint8", "w")
 
-    def __post_init__(self) -> None:
-        if self.kind not in MEDIA_KINDS:
-            raise ValueError(f"kind must be one of {MEDIA_KINDS}, got {self.kind!r}")
-        expected = (1 + self.h * self.w, 3, CROP, CROP)
-        if self.h < 1 or self.w < 1 or tuple(self.pixel_values.shape) != expected:
-            raise ValueError(
-                f"pixel_values must have shape {expected} for h={self.h}, w={self.w}, "
-                f"got {tuple(self.pixel_values.shape)}"
-            )
+    def __init__(self, pixel_values: torch.Tensor | None = None, h: int = 1, w: int = 1, kind: str = "image", *,
+                 global_view: torch.Tensor | None = None, sub_uint8: torch.Tensor | None = None) -> None:
+        if kind not in MEDIA_KINDS:
+            raise ValueError(f"kind must be one of {MEDIA_KINDS}, got {kind!r}")
+        if h < 1 or w < 1:
+            raise ValueError(f"crop grid must be at least 1x1, got h={h}, w={w}")
+        self.h, self.w, self.kind = h, w, kind
+        expected = (1 + h * w, 3, CROP, CROP)
+        if (pixel_values is None) == (sub_uint8 is None) or (sub_uint8 is None) != (global_view is None):
+            raise ValueError("give either pixel_values, or global_view and sub_uint8")
+        if pixel_values is not None:
+            if tuple(pixel_values.shape) != expected:
+                raise ValueError(f"pixel_values must have shape {expected} for h={h}, w={w}, "
+                                 f"got {tuple(pixel_values.shape)}")
+            self._dense, self.global_view, self.sub_uint8 = pixel_values, None, None
+            return
+        if tuple(global_view.shape) != (1, 3, CROP, CROP) or global_view.dtype != torch.float32:
+            raise ValueError(f"global_view must be float32 [1, 3, {CROP}, {CROP}], got {global_view.dtype} "
+                             f"{tuple(global_view.shape)}")
+        if tuple(sub_uint8.shape) != (h * w, 3, CROP, CROP):
+            raise ValueError(f"sub_uint8 must have shape {(h * w, 3, CROP, CROP)}, got {tuple(sub_uint8.shape)}")
+        if sub_uint8.dtype != torch.uint8:
+            raise ValueError(f"sub_uint8 must be uint8, got {sub_uint8.dtype}")
+        self._dense, self.global_view, self.sub_uint8 = None, global_view, sub_uint8
+
+    @property
+    def compact(self) -> bool:
+        return self.sub_uint8 is not None
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        if self._dense is not None:
+            return self._dense
+        return torch.cat([self.global_view, normalize_uint8(self.sub_uint8)])
+
+    @property
+    def n_crops(self) -> int:
+        return 1 + self.h * self.w
 
     @property
     def n_tokens(self) -> int:
         return image_token_count(self.h, self.w)
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    def __repr__(self) -> str:
+        form = "uint8 sub-crops" if self.compact else "float32"
+        return f"MediaCrops(h={self.h}, w={self.w}, kind={self.kind!r}, {form})"
+
+
+def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 CLIP-normalised, bit-identical to ``to_tensor_normalized`` on any device:
+    x / 255, then - mean, then / std, each one correctly rounded fp32 operation in the same order.
+
+    The constants are tensors on x's device, not Python scalars: CUDA divides by a host scalar as a multiplication by
+    its rounded reciprocal, which is not the CPU's division. They reach the GPU by a pinned, asynchronous copy (a
+    plain `.to(cuda)` would synchronise the stream)."""
+    consts = torch.tensor((255.0, *CLIP_MEAN, *CLIP_STD), dtype=torch.float32)
+    if x.device.type == "cuda":
+        consts = consts.pin_memory().to(x.device, non_blocking=True)
+    k255, mean, std = consts[0], consts[1:4].view(3, 1, 1), consts[4:7].view(3, 1, 1)
+    return x.to(torch.float32).div_(k255).sub_(mean).div_(std)
 
 
 def check_pixels(width: int, height: int, max_pixels: int | None, what: str = "image") -> None:
@@ -157,19 +212,31 @@ def hd_transform(img: Image.Image, hd_num: int) -> Image.Image:
     return img
 
 
-def to_tensor_normalized(img: Image.Image) -> torch.Tensor:
-    """[3, H, W] float32: uint8 / 255 in fp32, then (x - mean) / std per channel with fp32 mean and std."""
+def _uint8_chw(img: Image.Image) -> torch.Tensor:
     if img.mode != "RGB":
         img = img.convert("RGB")
     arr = np.array(img, dtype=np.uint8)  # [H, W, 3], a fresh writable copy
-    t = torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def to_tensor_normalized(img: Image.Image) -> torch.Tensor:
+    """[3, H, W] float32: uint8 / 255 in fp32, then (x - mean) / std per channel with fp32 mean and std."""
+    t = _uint8_chw(img).to(torch.float32, memory_format=torch.contiguous_format)
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
     return t.div_(255).sub_(mean).div_(std)
 
 
-def crops_from_canvas(t: torch.Tensor, kind: str = "image") -> MediaCrops:
-    """Global view (bicubic resize of the whole canvas to 560x560, fp32) plus the h x w sub-crops."""
+def _split_crops(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    # [3, h*560, w*560] -> [h, w, 3, 560, 560]: crop (i, j) lands at index i * w + j.
+    return t.reshape(3, h, CROP, w, CROP).permute(1, 3, 0, 2, 4).reshape(h * w, 3, CROP, CROP)
+
+
+def crops_from_canvas(t: torch.Tensor, kind: str = "image", canvas_uint8: torch.Tensor | None = None) -> MediaCrops:
+    """Global view (bicubic resize of the whole canvas to 560x560, fp32) plus the h x w sub-crops.
+
+    canvas_uint8: the uint8 [3, H, W] canvas that `t` is the normalisation of; when given, the sub-crops are kept in
+    it (compact form, see MediaCrops)."""
     if t.ndim != 3 or t.shape[0] != 3:
         raise ValueError(f"canvas must be a [3, H, W] tensor, got shape {tuple(t.shape)}")
     _, height, width = t.shape
@@ -178,12 +245,24 @@ def crops_from_canvas(t: torch.Tensor, kind: str = "image") -> MediaCrops:
     h, w = height // CROP, width // CROP
     t = t.float()
     glb = F.interpolate(t[None], size=(CROP, CROP), mode="bicubic", align_corners=False)
-    # [3, h*560, w*560] -> [h, w, 3, 560, 560]: crop (i, j) lands at index i * w + j.
-    subs = t.reshape(3, h, CROP, w, CROP).permute(1, 3, 0, 2, 4).reshape(h * w, 3, CROP, CROP)
-    return MediaCrops(pixel_values=torch.cat([glb, subs], dim=0), h=h, w=w, kind=kind)
+    if canvas_uint8 is not None:
+        if canvas_uint8.shape != t.shape or canvas_uint8.dtype != torch.uint8:
+            raise ValueError(f"canvas_uint8 must be uint8 {tuple(t.shape)}, got {canvas_uint8.dtype} "
+                             f"{tuple(canvas_uint8.shape)}")
+        return MediaCrops(h=h, w=w, kind=kind, global_view=glb, sub_uint8=_split_crops(canvas_uint8, h, w))
+    return MediaCrops(pixel_values=torch.cat([glb, _split_crops(t, h, w)], dim=0), h=h, w=w, kind=kind)
+
+
+def canvas_crops(img: Image.Image, kind: str = "image") -> MediaCrops:
+    """Crops of a finished canvas in compact form: normalised for the global view, uint8 sub-crops."""
+    u8 = _uint8_chw(img)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+    t = u8.to(torch.float32, memory_format=torch.contiguous_format).div_(255).sub_(mean).div_(std)
+    return crops_from_canvas(t, kind, canvas_uint8=u8)
 
 
 def process_image(img: Image.Image, hd_num: int, max_pixels: int | None = MAX_IMAGE_PIXELS) -> MediaCrops:
     """Full image path: HD canvas, CLIP normalisation, crops. Images over max_pixels are a MediaError."""
     check_pixels(*img.size, max_pixels)
-    return crops_from_canvas(to_tensor_normalized(hd_transform(img, hd_num)), kind="image")
+    return canvas_crops(hd_transform(img, hd_num), kind="image")

@@ -22,15 +22,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import MediaError
-from .image import (
-    CROP,
-    MAX_IMAGE_PIXELS,
-    MediaCrops,
-    check_pixels,
-    crops_from_canvas,
-    image_token_count,
-    to_tensor_normalized,
-)
+from .image import CROP, MAX_IMAGE_PIXELS, MediaCrops, canvas_crops, check_pixels, image_token_count
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".wmv")
 MAX_FRAMES = 32
@@ -323,7 +315,7 @@ def process_video(
     """Full video path: sampled frames -> canvas -> 560-high strip -> normalised crops (kind='video')."""
     video = read_video(path, backend, max_pixels, keep=resize_frame)  # each frame resized as soon as it is decoded
     strip = video_canvas_transform(_stitch(video.frames, video.sizes[-1], font))
-    return crops_from_canvas(to_tensor_normalized(strip), kind="video")
+    return canvas_crops(strip, kind="video")
 
 
 def video_tokens(n_kept: int, width: int, height: int) -> int:

@@ -54,6 +54,7 @@ class ForwardContext:
     attn_plan: object = None  # built by the first layer, reused by the others (Triton backend)
     empty_prefix: tuple | None = None
     parents: list[tuple[int, int] | None] | None = None
+    metadata_checked: bool = False  # the runner built cu_seqlens/block_tables/prefix_lens: skip the value checks (sync)
 
     @property
     def has_prefix(self) -> bool:
@@ -218,7 +219,8 @@ def _attention(q, k, v, ctx: ForwardContext, layer_idx: int, scale: float, out=N
         kc, tables, prefix = ctx.empty_prefix
         vc = kc
     if ctx.backend == "triton" and ctx.attn_plan is None:  # one metadata check + work table for all layers
-        ctx.attn_plan = plan_paged_prefix_attention(q, k, v, kc, vc, tables, prefix, ctx.cu_seqlens, scale=scale)
+        ctx.attn_plan = plan_paged_prefix_attention(q, k, v, kc, vc, tables, prefix, ctx.cu_seqlens, scale=scale,
+                                                    check_values=not ctx.metadata_checked)
     # host copies of the lengths: read only on meta tensors (bench/roofline.py), which carry no values
     prefix_host = [t - n for t, n in zip(ctx.seq_lens_total, ctx.new_lens)] if ctx.has_prefix else None
     prefix_host = prefix_host or [0] * len(ctx.new_lens)
@@ -270,10 +272,11 @@ class InternLM2Model(nn.Module):
         if all(b == bases[0] for b in bases):
             per_token = torch.full((ctx.positions.shape[0],), bases[0], dtype=torch.float64, device=device)
         else:
-            per_token = torch.repeat_interleave(
-                torch.tensor(bases, dtype=torch.float64, device=device),
-                torch.tensor(ctx.new_lens, device=device),
-            )
+            # built on the host (its lengths are host ints) and copied without a stream sync
+            per_token = torch.repeat_interleave(torch.tensor(bases, dtype=torch.float64), torch.tensor(ctx.new_lens))
+            if device.type == "cuda":
+                per_token = per_token.pin_memory()
+            per_token = per_token.to(device, non_blocking=True)
         return rope_cos_sin(ctx.positions, per_token, self.cfg.head_dim, dtype)
 
     def fuse_for_inference(self) -> None:
