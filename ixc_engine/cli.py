@@ -11,7 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from ixc_engine.corpus import JobManifest, errors_path_for, job_path_for, read_records, same_file
+# Only the standard library at import time: a Ctrl-C while torch loads is then caught by main() (exit 130, no
+# traceback), and --help is instant. Each command imports what it needs.
 
 EXAMPLES = """\
 examples:
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restart", action="store_true",
                    help="delete this job's earlier output (scores, errors, job files) and start over")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
+    s.add_argument("--strict", action="store_true",
+                   help="a sample with warnings (roles out of order, last message not the assistant's, an empty reply, "
+                   "special-token strings in the text, a media-like key that is not read, a clipped 16-bit image) "
+                   "goes to the errors file instead of being scored with a \"warnings\" list")
+    s.add_argument("--escape-special-tokens", action="store_true",
+                   help="read special-token strings in message content (</s>, [UNUSED_TOKEN_145], ...) as plain text; "
+                   "by default they become control tokens, as upstream reads them")
 
     f = sub.add_parser(
         "filter", help="write the corpus lines whose score passes a threshold", formatter_class=fmt,
@@ -180,6 +188,8 @@ def _model_key(model: str) -> str:
 
 
 def _check_outputs_apart(inputs: dict[str, Path], outputs: list[Path]) -> None:
+    from ixc_engine.corpus import same_file
+
     for out in outputs:
         for what, path in inputs.items():
             if same_file(out, path):
@@ -187,9 +197,7 @@ def _check_outputs_apart(inputs: dict[str, Path], outputs: list[Path]) -> None:
 
 
 def cmd_score(args) -> int:
-    from ixc_engine.api import RewardEngine
-    from ixc_engine.corpus import LineError, ResultWriter, count_lines, job_path_for, read_corpus
-    from ixc_engine.engine.engine import EngineConfig
+    from ixc_engine.corpus import JobLock, errors_path_for, job_path_for, lock_path_for
 
     if not args.corpus.is_file():
         print(f"error: corpus {args.corpus} not found", file=sys.stderr)
@@ -201,16 +209,31 @@ def cmd_score(args) -> int:
             args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     out_path = shard_output(args.output, args.shard)
     job_path = job_path_for(out_path)
-    _check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
+    _check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path,
+                                                  lock_path_for(out_path)])
+    lock = JobLock(out_path)  # before anything is read, trimmed or deleted; held until the job ends
+    try:
+        return _score_locked(args, out_path, job_path)
+    finally:
+        lock.release()
+
+
+def _score_locked(args, out_path: Path, job_path: Path) -> int:
+    from ixc_engine.api import RewardEngine
+    from ixc_engine.corpus import JobManifest, LineError, ResultWriter, count_lines, read_corpus
+    from ixc_engine.engine.engine import EngineConfig
+
     cfg = EngineConfig(
         hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window, workers=args.workers,
-        prefix_cache=not args.no_prefix_cache, max_length=args.max_length,
+        prefix_cache=not args.no_prefix_cache, max_length=args.max_length, strict=args.strict,
+        escape_special_tokens=args.escape_special_tokens,
     )
     total_lines = count_lines(args.corpus)
     i, n = args.shard
     mine = len(range(i, total_lines, n))
     job = JobManifest(corpus=str(args.corpus.resolve()), model=_model_key(args.model), hd_num=args.hd_num,
-                      max_length=args.max_length, shard=args.shard, lines=mine)
+                      max_length=args.max_length, shard=args.shard, lines=mine, strict=args.strict,
+                      escape_special_tokens=args.escape_special_tokens)
     previous = None if args.restart else JobManifest.load(job_path)
     if previous is not None and (diff := previous.differences(job)):
         raise ValueError(f"{out_path} holds the results of another job ({'; '.join(diff)}): use --restart to "
@@ -228,8 +251,8 @@ def cmd_score(args) -> int:
         job.errors = count_lines(writer.errors_path)
         job.scored = len(done) - job.errors
         job.save(job_path)
-        print(json.dumps({"scored": 0, "errors": 0, "skipped_already_done": len(done), "scores": str(out_path),
-                          "errors_file": str(writer.errors_path)}), file=sys.stderr)
+        print(json.dumps({"scored": 0, "errors": 0, "warnings": 0, "skipped_already_done": len(done),
+                          "scores": str(out_path), "errors_file": str(writer.errors_path)}))
         return 0
 
     t_load = time.perf_counter()
@@ -263,13 +286,14 @@ def cmd_score(args) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=mine, initial=len(done), unit="sample", file=sys.stderr, dynamic_ncols=True)
-    n_ok = n_err = tokens = 0
+    n_ok = n_err = n_warn = tokens = 0
     t0 = time.perf_counter()
     try:
         for r in engine.score_stream(todo(), hd_num=args.hd_num):
             if r.error is None:
-                writer.write_score(r.index, r.id, r.score, r.n_tokens)
+                writer.write_score(r.index, r.id, r.score, r.n_tokens, r.warnings)
                 n_ok += 1
+                n_warn += bool(r.warnings)
                 tokens += r.n_tokens
             else:
                 writer.write_error(r.index, r.id, r.error)
@@ -295,19 +319,30 @@ def cmd_score(args) -> int:
     job.save(job_path)
     el = time.perf_counter() - t0
     st = engine.stats()
-    print(json.dumps({
-        "scored": n_ok, "errors": n_err, "skipped_already_done": len(done), "seconds": round(el, 3),
-        "samples_per_s": round((n_ok + n_err) / el, 3) if el else None, "tokens_per_s": round(tokens / el, 1) if el
-        else None, "tokens_computed": st["tokens_computed"], "prefix_tokens_reused": st["prefix_tokens_reused"],
-        "scores": str(out_path), "errors_file": str(writer.errors_path),
-    }), file=sys.stderr)
+    print(json.dumps({  # the summary goes to stdout, progress and logs to stderr
+        "scored": n_ok, "errors": n_err, "warnings": n_warn, "skipped_already_done": len(done),
+        "seconds": round(el, 3), "samples_per_s": round((n_ok + n_err) / el, 3) if el else None,
+        "tokens_per_s": round(tokens / el, 1) if el else None, "tokens_computed": st["tokens_computed"],
+        "prefix_tokens_reused": st["prefix_tokens_reused"], "scores": str(out_path),
+        "errors_file": str(writer.errors_path),
+    }))
     return 0
 
 
 def cmd_filter(args) -> int:
     import math
 
-    from ixc_engine.corpus import LineError, count_lines, read_corpus
+    from ixc_engine.corpus import (
+        JobManifest,
+        LineError,
+        by_line,
+        count_lines,
+        errors_path_for,
+        iter_lines,
+        job_path_for,
+        read_corpus,
+        read_records,
+    )
 
     if args.min_score is not None and not math.isfinite(args.min_score):
         raise ValueError(f"--min-score must be a finite number, got {args.min_score}")
@@ -327,8 +362,10 @@ def cmd_filter(args) -> int:
     if job is not None and job.shard[1] > 1:
         raise ValueError(f"{args.scores} is shard {job.shard[0]}/{job.shard[1]} of a job: `ixc-engine merge` the "
                          "shards first, then filter the merged scores")
-    scored = {r["line"]: r for r in read_records(args.scores, "score")}
-    failed = {r["line"]: r for r in read_records(errors_file, "error")}
+    score_recs, error_recs = read_records(args.scores, "score"), read_records(errors_file, "error")
+    by_line((args.scores, score_recs), (errors_file, error_recs))  # refuses a line recorded twice
+    scored = {r["line"]: r for r in score_recs}
+    failed = {r["line"]: r for r in error_recs}
     total = count_lines(args.corpus)
     # Every corpus line must have exactly one record, with the corpus line's id: scores of another corpus, or of an
     # unfinished job, must not silently decide what is kept.
@@ -357,21 +394,24 @@ def cmd_filter(args) -> int:
         ranked = sorted(scores, key=lambda ln: (scores[ln], ln))
         keep = set(ranked[round(args.drop_fraction * len(ranked)):])
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.corpus, encoding="utf-8") as src, open(args.output, "w", encoding="utf-8") as dst:
-        for ln, raw in enumerate(src, 1):
+    # Bytes, split on b"\n" only as `score` split them: a kept line is copied exactly (CR, CRLF, NUL, invalid UTF-8
+    # and a missing final newline included), so the output is the corpus with the other lines cut out.
+    with open(args.output, "wb") as dst:
+        for ln, raw in iter_lines(args.corpus):
             if ln in keep:
-                dst.write(raw if raw.endswith("\n") else raw + "\n")
+                dst.write(raw)
     print(json.dumps({"lines": total, "scored": len(scores), "kept": len(keep), "dropped_low_score":
-                      len(scores) - len(keep), "dropped_errors": len(failed), "output": str(args.output)}),
-          file=sys.stderr)
+                      len(scores) - len(keep), "dropped_errors": len(failed), "output": str(args.output)}))
     return 0
 
 
 _SHARD_NAME = re.compile(r"^(?P<stem>.*)\.shard(?P<i>\d+)-of-(?P<n>\d+)\.jsonl$")
 
 
-def _check_shard_set(shards: list[Path]) -> list[JobManifest]:
+def _check_shard_set(shards: list[Path]) -> list:
     """All shards of one job, each finished: by their names (NAME.shardI-of-N.jsonl) and job descriptions."""
+    from ixc_engine.corpus import JobManifest, job_path_for
+
     named = [_SHARD_NAME.match(p.name) for p in shards]
     if all(named):
         counts = {int(m["n"]) for m in named}
@@ -396,26 +436,30 @@ def _check_shard_set(shards: list[Path]) -> list[JobManifest]:
             raise ValueError(f"{p} is an unfinished shard (job not complete): run its `ixc-engine score ... --shard "
                              f"{job.shard[0]}/{job.shard[1]}` again to finish it, then merge")
         jobs.append(job)
-    if jobs and len({(j.corpus, j.model, j.hd_num, j.max_length, j.dtype, j.shard[1]) for j in jobs}) != 1:
+    if jobs and len({(j.corpus, j.model, j.hd_num, j.max_length, j.dtype, j.shard[1], j.strict,
+                      j.escape_special_tokens) for j in jobs}) != 1:
         raise ValueError("the shards come from different jobs (corpus, model, hd_num, max_length, dtype or split)")
     return jobs
 
 
 def cmd_merge(args) -> int:
+    from ixc_engine.corpus import JobManifest, by_line, errors_path_for, job_path_for, read_records
+
     _check_outputs_apart({f"shard file {k}": p for k, p in enumerate(args.shards)} |
                          {f"errors file of shard {k}": errors_path_for(p) for k, p in enumerate(args.shards)},
                          [args.output, errors_path_for(args.output)])
     jobs = _check_shard_set(args.shards)
     counts = {}
-    for kind, path_of in (("score", lambda p: p), ("error", errors_path_for)):
-        records = []
-        for shard in args.shards:
-            records += [(rec["line"], raw) for rec, raw in read_records(path_of(shard), kind, with_lines=True)]
-        lines = [ln for ln, _ in records]
-        if len(set(lines)) != len(lines):
-            raise ValueError(f"the {kind} files of the shards overlap (a line appears twice)")
+    read = {(kind, shard): read_records(path_of(shard), kind, with_lines=True)
+            for kind, path_of in (("score", lambda p: p), ("error", errors_path_for)) for shard in args.shards}
+    try:  # a line recorded twice, in one file or across shards and kinds, is refused
+        by_line(*((shard if kind == "score" else errors_path_for(shard), recs) for (kind, shard), recs in read.items()))
+    except ValueError as exc:
+        raise ValueError(f"the shards overlap: {exc}") from None
+    for kind in ("score", "error"):
+        records = [(rec["line"], raw) for shard in args.shards for rec, raw in read[kind, shard]]
         dst = args.output if kind == "score" else errors_path_for(args.output)
-        with open(dst, "w", encoding="utf-8") as out:
+        with open(dst, "wb") as out:  # the records' bytes as the shards hold them
             out.writelines(raw for _, raw in sorted(records))
         counts[kind] = len(records)
         print(f"{kind}s: {len(records)} lines -> {dst}", file=sys.stderr)
@@ -423,7 +467,7 @@ def cmd_merge(args) -> int:
         j = jobs[0]
         merged = JobManifest(corpus=j.corpus, model=j.model, hd_num=j.hd_num, max_length=j.max_length, shard=(0, 1),
                              lines=sum(x.lines for x in jobs), dtype=j.dtype, complete=True, scored=counts["score"],
-                             errors=counts["error"])
+                             errors=counts["error"], strict=j.strict, escape_special_tokens=j.escape_special_tokens)
         if merged.lines != counts["score"] + counts["error"]:
             raise ValueError(f"the shards hold {counts['score'] + counts['error']} records for {merged.lines} lines")
         merged.save(job_path_for(args.output))
@@ -450,18 +494,45 @@ def cmd_train_rm(args) -> int:
     return train_main(args.rest)
 
 
+_NUMBER_OPTIONS = ("--min-score", "--drop-fraction")
+
+
+def _join_negative_numbers(argv: list[str]) -> list[str]:
+    """`--min-score -1e3` as `--min-score=-1e3`: argparse takes only -1 or -1.5 style values for an option, and reads
+    "-1e3" or "-inf" as an unknown option."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _NUMBER_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{a}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train-rm"]:  # its own parser (ixc_engine.training.cli), --help included
-        return cmd_train_rm(argparse.Namespace(rest=argv[1:]))
-    args = build_parser().parse_args(argv)
-    handlers = {"score": cmd_score, "filter": cmd_filter, "merge": cmd_merge, "init-tiny": cmd_init_tiny,
-                "train-rm": cmd_train_rm}
     try:
-        return handlers[args.command](args)
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if argv[:1] == ["train-rm"]:  # its own parser (ixc_engine.training.cli), --help included
+            return cmd_train_rm(argparse.Namespace(rest=argv[1:]))
+        args = build_parser().parse_args(_join_negative_numbers(argv))
+        handlers = {"score": cmd_score, "filter": cmd_filter, "merge": cmd_merge, "init-tiny": cmd_init_tiny,
+                    "train-rm": cmd_train_rm}
+        try:
+            return handlers[args.command](args)
+        except (ValueError, RuntimeError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:  # e.g. while torch or the model loads: no traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

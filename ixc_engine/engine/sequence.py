@@ -9,8 +9,13 @@ from typing import Any
 import numpy as np
 
 from ixc_engine.media.image import MediaCrops
-from ixc_engine.media.loader import load_media, media_digest
-from ixc_engine.template import build_sample, validate_messages
+from ixc_engine.media.loader import load_media, media_digest, mode_warning
+from ixc_engine.template import (
+    build_sample,
+    check_placeholders_without_media,
+    conversation_warnings,
+    validate_messages,
+)
 from ixc_engine.tokenizer import Tokenizer
 
 MEDIA_KEY_BIT = 1 << 62  # content keys of image positions live above every token id
@@ -25,6 +30,7 @@ class Sample:
     messages: list[dict]
     media: list[Any] = field(default_factory=list)  # paths (image or video by extension) or PIL images
     id: Any = None
+    warnings: list[str] = field(default_factory=list)  # found while reading it (e.g. a corpus key that is not read)
 
 
 @dataclass(slots=True)
@@ -36,6 +42,7 @@ class PreparedSample:
     media: list[MediaCrops]
     media_digests: list[str]
     n_tokens: int
+    warnings: list[str] = field(default_factory=list)  # legal but most likely wrong input, scored anyway
 
     def segments(self) -> list[tuple[int, int, list[int] | int]]:
         """(start, end, piece) in sequence positions."""
@@ -60,14 +67,19 @@ class PreparedSample:
 
 
 def prepare_sample(
-    tokenizer: Tokenizer, sample: Sample, *, hd_num: int, max_length: int, media_cache: dict | None = None
+    tokenizer: Tokenizer, sample: Sample, *, hd_num: int, max_length: int, media_cache: dict | None = None,
+    escape_special: bool = False,
 ) -> PreparedSample:
-    """Validate, template and tokenize, load and crop media. Raises SampleError with a clear reason."""
+    """Validate, template and tokenize, load and crop media. Raises SampleError with a clear reason.
+
+    escape_special: read special-token strings in message content as plain text (see `template.build_sample`)."""
     try:
         messages = validate_messages(sample.messages)
-        templ = build_sample(tokenizer, messages, len(sample.media), hd_num)
-    except ValueError as exc:
-        raise SampleError(str(exc)) from exc
+        check_placeholders_without_media(messages, len(sample.media))
+        warnings = [*sample.warnings, *conversation_warnings(messages, escape_special=escape_special)]
+        templ = build_sample(tokenizer, messages, len(sample.media), hd_num, escape_special=escape_special)
+    except ValueError as exc:  # with what was found reading it (e.g. the media under a key that is not read)
+        raise SampleError("; ".join([str(exc), *sample.warnings])) from exc
     crops, digests = [], []
     for item in sample.media:
         try:
@@ -80,10 +92,12 @@ def prepare_sample(
             media_cache[digest] = mc
         crops.append(mc)
         digests.append(digest)
+        if w := mode_warning(item):
+            warnings.append(w)
     n_tokens = templ.n_tokens([m.n_tokens for m in crops])
     if n_tokens > max_length:
         raise SampleError(
             f"sample is {n_tokens} tokens long, over max_length {max_length}; it is not scored (upstream would cut "
             "the tail and read the score at a wrong token). Shorten it or raise --max-length."
         )
-    return PreparedSample(sample.id, templ.pieces, crops, digests, n_tokens)
+    return PreparedSample(sample.id, templ.pieces, crops, digests, n_tokens, warnings)
