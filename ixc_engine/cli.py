@@ -86,9 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         "\"images\": [paths relative to the corpus file; videos by extension]}.\n\nWrites one line per scored sample "
         "({\"id\", \"score\", \"n_tokens\", \"line\"}) in input order to -o, and every line that cannot be scored to "
         "<output>.errors.jsonl with its line number, id and the reason; every input line lands in exactly one of the "
-        "two. <output>.job.json records the job's settings and whether it finished. Re-running the same command "
+        "two (each line strict JSON; a sample scored despite likely wrong input carries \"warnings\"). A summary "
+        "(JSON) goes to stdout, progress and logs to stderr. A job holds <output>.lock while it runs: a second job on "
+        "the same output fails at once. <output>.job.json records the job's settings and whether it finished. "
+        "Re-running the same command "
         "after an interruption (Ctrl-C, kill, crash) resumes where it stopped; re-running it with another corpus, "
-        "model, --hd-num, --max-length, --shard or dtype is refused unless --restart is given.",
+        "model, --hd-num, --max-length, --shard, dtype, --strict or --escape-special-tokens is refused unless "
+        "--restart is given.",
         epilog="examples:\n"
         "  ixc-engine score examples/corpus.jsonl --model examples/demo-model -o out/scores.jsonl\n"
         "  ixc-engine score corpus.jsonl --model /models/ixc-2.5-reward --dtype bfloat16 -o scores.jsonl\n"
@@ -109,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest sample in tokens (default: the model's max_length, 16384 for the release); longer "
                    "samples go to the errors file, never truncated")
     s.add_argument("--window", type=_int_at_least(1), default=64,
-                   help="samples prepared and scheduled together (default 64); output is flushed every window")
+                   help="samples prepared and scheduled together (default 64); each record is written as soon as it "
+                   "is in order, and synced to disk every window")
     s.add_argument("--workers", type=_int_at_least(0), default=0,
                    help="processes for CPU preprocessing: decode, resize, tokenize (default 0: in this process)")
     s.add_argument("--no-prefix-cache", action="store_true", help="disable shared-prefix reuse (scores are equal)")
@@ -118,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(under torchrun: RANK/WORLD_SIZE, device cuda:LOCAL_RANK); join with `ixc-engine merge`")
     s.add_argument("--restart", action="store_true",
                    help="delete this job's earlier output (scores, errors, job files) and start over")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
+    s.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on stderr (the summary is still printed, on stdout)")
     s.add_argument("--strict", action="store_true",
                    help="a sample with warnings (roles out of order, last message not the assistant's, an empty reply, "
                    "special-token strings in the text, a media-like key that is not read, a clipped 16-bit image) "
