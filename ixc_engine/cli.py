@@ -203,7 +203,7 @@ def _check_outputs_apart(inputs: dict[str, Path], outputs: list[Path]) -> None:
 
 
 def cmd_score(args) -> int:
-    from ixc_engine.corpus import JobLock, errors_path_for, job_path_for, lock_path_for
+    from ixc_engine.joblock import JobLock, lock_path_for
 
     if not args.corpus.is_file():
         print(f"error: corpus {args.corpus} not found", file=sys.stderr)
@@ -214,20 +214,32 @@ def cmd_score(args) -> int:
         if args.device is None:
             args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     out_path = shard_output(args.output, args.shard)
-    job_path = job_path_for(out_path)
-    _check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path,
-                                                  lock_path_for(out_path)])
-    lock = JobLock(out_path)  # before anything is read, trimmed or deleted; held until the job ends
+    if os.path.exists(lock_path_for(out_path)) and os.path.samefile(lock_path_for(out_path), args.corpus):
+        raise ValueError(f"output {out_path}'s lock file {lock_path_for(out_path)} is the corpus: choose another -o")
+    # Taken before anything is read, trimmed or deleted (and before torch is imported: a second job on this output
+    # fails at once); held until the job ends.
+    lock = JobLock(out_path)
     try:
-        return _score_locked(args, out_path, job_path)
+        return _score_locked(args, out_path)
     finally:
         lock.release()
 
 
-def _score_locked(args, out_path: Path, job_path: Path) -> int:
+def _score_locked(args, out_path: Path) -> int:
     from ixc_engine.api import RewardEngine
-    from ixc_engine.corpus import JobManifest, LineError, ResultWriter, count_lines, read_corpus
+    from ixc_engine.corpus import (
+        JobManifest,
+        LineError,
+        ResultWriter,
+        count_lines,
+        errors_path_for,
+        job_path_for,
+        read_corpus,
+    )
     from ixc_engine.engine.engine import EngineConfig
+
+    job_path = job_path_for(out_path)
+    _check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
 
     cfg = EngineConfig(
         hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window, workers=args.workers,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ixc_engine.engine.sequence import Sample, SampleError
+from ixc_engine.joblock import JobLock, lock_path_for  # noqa: F401 (re-exported)
 
 
 class LineError(SampleError):
@@ -283,44 +284,6 @@ class JobManifest:
     def differences(self, other: JobManifest) -> list[str]:
         return [f"{name}: {getattr(self, name)!r} then, {getattr(other, name)!r} now" for name in self.IDENTITY
                 if getattr(self, name) != getattr(other, name)]
-
-
-def lock_path_for(scores_path: str | Path) -> Path:
-    p = Path(scores_path)
-    return p.with_name(p.name.removesuffix(".jsonl") + ".lock")
-
-
-class JobLock:
-    """An exclusive lock on one output for a job's whole run (fcntl.flock on SCORES.lock, which holds the owner's pid):
-    a second job on the same output fails at once instead of writing every line twice. The kernel drops the lock
-    when its process ends, however it ends, so a killed job never leaves a stale lock."""
-
-    __slots__ = ("_fh", "path")
-
-    def __init__(self, scores_path: str | Path) -> None:
-        import fcntl
-
-        self.path = lock_path_for(scores_path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release())
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            owner = fh.read().strip() or "unknown"
-            fh.close()
-            raise ValueError(f"another `ixc-engine score` (pid {owner}) is writing to {Path(scores_path)} (it holds "
-                             f"{self.path}): wait for it to finish, or choose another -o") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        self._fh = fh
-
-    def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()  # closing the file drops the flock; the file stays (unlinking it would race a waiter)
-            self._fh = None
 
 
 @dataclass(slots=True)
