@@ -244,7 +244,7 @@ def _score_locked(args, out_path: Path) -> int:
     cfg = EngineConfig(
         hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window, workers=args.workers,
         prefix_cache=not args.no_prefix_cache, max_length=args.max_length, strict=args.strict,
-        escape_special_tokens=args.escape_special_tokens,
+        escape_special_tokens=args.escape_special_tokens, ramp_up=True,
     )
     total_lines = count_lines(args.corpus)
     i, n = args.shard

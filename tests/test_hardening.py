@@ -378,8 +378,19 @@ def test_results_come_batch_by_batch_and_are_on_disk_at_once(tiny_ckpt, tmp_path
         return real(self, idx, *a)
 
     monkeypatch.setattr(ScoringEngine, "_run_batch_once", spy)
+    prepared = []
+    real_prepare = ScoringEngine.prepare
+
+    def count_prepare(self, samples, *a, **k):
+        prepared.append((len(samples), len(seen)))
+        return real_prepare(self, samples, *a, **k)
+
+    monkeypatch.setattr(ScoringEngine, "prepare", count_prepare)
     assert _score(corpus, tiny_ckpt, out, "--max-batch-tokens", 40) == 0
     assert len(seen) > 2 and seen[0] == 0 and seen[-1] >= len(convs) - 3 and seen == sorted(seen)
+    # the CLI ramps its windows up (4, 8, ...): the first batch runs after 4 samples are prepared, not 64
+    assert prepared[0] == (4, 0) and prepared[1][0] == 4
+    assert prepared[1][1] > 0  # inline preparation: the next window is prepared after this one's batches ran
 
 
 def test_summary_on_stdout_and_no_library_noise(tiny_ckpt, tmp_path):

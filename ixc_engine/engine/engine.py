@@ -33,6 +33,7 @@ class EngineConfig:
     max_length: int | None = None  # None: the model's max_length
     strict: bool = False  # a sample with warnings (legal but most likely wrong input) is an error, not scored
     escape_special_tokens: bool = False  # special-token strings in message content are plain text (not upstream's)
+    ramp_up: bool = False  # first windows of 4, 8, 16, ... samples: first results sooner (the CLI's progress bar)
 
     def __post_init__(self) -> None:
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -333,6 +334,9 @@ class ScoringEngine:
         pending = None
         for window in self._windows(samples):
             submitted = self._submit(window, self._pool, hd_num)
+            if self._pool is None:  # prepared inline: nothing to overlap, so its results come first
+                yield from self._finish(window, submitted)
+                continue
             if pending is not None:
                 yield from self._finish(*pending)
             pending = (window, submitted)
@@ -347,11 +351,15 @@ class ScoringEngine:
 
     def _windows(self, samples) -> Iterator[list[tuple[int, Sample | SampleError]]]:
         window: list[tuple[int, Sample | SampleError]] = []
+        # ramp_up: windows of 4, 8, 16, ... samples up to cfg.window, so that the first results (and a first rate)
+        # come after a few samples are prepared, not after a whole window of decoding and cropping
+        size = min(4, self.cfg.window) if self.cfg.ramp_up else self.cfg.window
         for counter, item in enumerate(samples):
             window.append(item if isinstance(item, tuple) else (counter, item))
-            if len(window) >= self.cfg.window:
+            if len(window) >= size:
                 yield window
                 window = []
+                size = min(2 * size, self.cfg.window)
         if window:
             yield window
 
