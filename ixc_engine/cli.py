@@ -11,7 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from ixc_engine.corpus import JobManifest, errors_path_for, job_path_for, read_records, same_file
+# Only the standard library at import time: a Ctrl-C while torch loads is then caught by main() (exit 130, no
+# traceback), and --help is instant. Each command imports what it needs.
 
 EXAMPLES = """\
 examples:
@@ -96,9 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         "\"images\": [paths relative to the corpus file; videos by extension]}.\n\nWrites one line per scored sample "
         "({\"id\", \"score\", \"n_tokens\", \"line\"}) in input order to -o, and every line that cannot be scored to "
         "<output>.errors.jsonl with its line number, id and the reason; every input line lands in exactly one of the "
-        "two. <output>.job.json records the job's settings and whether it finished. Re-running the same command "
+        "two (each line strict JSON; a sample scored despite likely wrong input carries \"warnings\"). A summary "
+        "(JSON) goes to stdout, progress and logs to stderr. A job holds <output>.lock while it runs: a second job on "
+        "the same output fails at once. <output>.job.json records the job's settings and whether it finished. "
+        "Re-running the same command "
         "after an interruption (Ctrl-C, kill, crash) resumes where it stopped; re-running it with another corpus, "
-        "model, --hd-num, --max-length, --shard or dtype is refused unless --restart is given.\n\n"
+        "model, --hd-num, --max-length, --shard, dtype, --strict or --escape-special-tokens is refused unless "
+        "--restart is given.\n\n"
         "Other formats: a LLaVA / ShareGPT JSON array, JSONL with OpenAI content parts, Parquet (with image bytes); "
         "see --format and --media-root. For a JSON array or a Parquet file the record index (from 1) stands for the "
         "line number.",
@@ -126,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most images and videos in one sample (default 64); a sample with more goes to the errors "
                    "file (so does an image or video frame over 89,478,485 pixels, Pillow's decompression-bomb limit)")
     s.add_argument("--window", type=_int_at_least(1), default=64,
-                   help="samples prepared and scheduled together (default 64); output is flushed every window")
+                   help="samples prepared and scheduled together (default 64); each record is written as soon as it "
+                   "is in order, and synced to disk every window")
     s.add_argument("--workers", type=_int_at_least(0), default=0,
                    help="processes for CPU preprocessing: decode, resize, tokenize (default 0: in this process)")
     s.add_argument("--no-prefix-cache", action="store_true", help="disable shared-prefix reuse (scores are equal)")
@@ -135,7 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(under torchrun: RANK/WORLD_SIZE, device cuda:LOCAL_RANK); join with `ixc-engine merge`")
     s.add_argument("--restart", action="store_true",
                    help="delete this job's earlier output (scores, errors, job files) and start over")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
+    s.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on stderr (the summary is still printed, on stdout)")
+    s.add_argument("--strict", action="store_true",
+                   help="a sample with warnings (roles out of order, last message not the assistant's, an empty reply, "
+                   "special-token strings in the text, a media-like key that is not read, a clipped 16-bit image) "
+                   "goes to the errors file instead of being scored with a \"warnings\" list")
+    s.add_argument("--escape-special-tokens", action="store_true",
+                   help="read special-token strings in message content (</s>, [UNUSED_TOKEN_145], ...) as plain text; "
+                   "by default they become control tokens, as upstream reads them")
 
     f = sub.add_parser(
         "filter", help="write the corpus lines whose score passes a threshold", formatter_class=fmt,
@@ -206,13 +220,15 @@ def _model_key(model: str) -> str:
 
 
 def _check_outputs_apart(inputs: dict[str, Path], outputs: list[Path]) -> None:
+    from ixc_engine.corpus import same_file
+
     for out in outputs:
         for what, path in inputs.items():
             if same_file(out, path):
                 raise ValueError(f"output {out} is the {what} {path}: choose another -o")
 
 
-def _load_engine(args, cfg, job: JobManifest, previous: JobManifest | None, out_path: Path):
+def _load_engine(args, cfg, job, previous, out_path: Path):
     """Load the model (a broken checkpoint is a one-line error here) and check the dtype against a resumed job."""
     from ixc_engine.api import RewardEngine
 
@@ -229,9 +245,7 @@ def _load_engine(args, cfg, job: JobManifest, previous: JobManifest | None, out_
 
 
 def cmd_score(args) -> int:
-    from ixc_engine.corpus import LineError, ResultWriter, count_lines, job_path_for
-    from ixc_engine.engine.engine import EngineConfig
-    from ixc_engine.formats.source import open_corpus
+    from ixc_engine.joblock import JobLock, lock_path_for
 
     if not args.corpus.is_file():
         print(f"error: corpus {args.corpus} not found", file=sys.stderr)
@@ -242,18 +256,37 @@ def cmd_score(args) -> int:
         if args.device is None:
             args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     out_path = shard_output(args.output, args.shard)
+    if os.path.exists(lock_path_for(out_path)) and os.path.samefile(lock_path_for(out_path), args.corpus):
+        raise ValueError(f"output {out_path}'s lock file {lock_path_for(out_path)} is the corpus: choose another -o")
+    # Taken before anything is read, trimmed or deleted (and before torch is imported: a second job on this output
+    # fails at once); held until the job ends.
+    lock = JobLock(out_path)
+    try:
+        return _score_locked(args, out_path)
+    finally:
+        lock.release()
+
+
+def _score_locked(args, out_path: Path) -> int:
+    from ixc_engine.corpus import JobManifest, LineError, ResultWriter, count_lines, errors_path_for, job_path_for
+    from ixc_engine.engine.engine import EngineConfig
+    from ixc_engine.formats.source import open_corpus
+
     job_path = job_path_for(out_path)
     _check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
+
     cfg = EngineConfig(
         hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window, workers=args.workers,
         prefix_cache=not args.no_prefix_cache, max_length=args.max_length, max_media=args.max_media,
+        strict=args.strict, escape_special_tokens=args.escape_special_tokens, ramp_up=True,
     )
     source = open_corpus(args.corpus, args.format, args.media_root)  # JSONL, JSON array or Parquet
     total_lines = source.count()
     i, n = args.shard
     mine = len(range(i, total_lines, n))
     job = JobManifest(corpus=str(args.corpus.resolve()), model=_model_key(args.model), hd_num=args.hd_num,
-                      max_length=args.max_length, shard=args.shard, lines=mine)
+                      max_length=args.max_length, shard=args.shard, lines=mine, strict=args.strict,
+                      escape_special_tokens=args.escape_special_tokens)
     previous = None if args.restart else JobManifest.load(job_path)
     if previous is not None and (diff := previous.differences(job)):
         raise ValueError(f"{out_path} holds the results of another job ({'; '.join(diff)}): use --restart to "
@@ -276,8 +309,8 @@ def cmd_score(args) -> int:
         job.errors = count_lines(writer.errors_path)
         job.scored = len(done) - job.errors
         job.save(job_path)
-        print(json.dumps({"scored": 0, "errors": 0, "skipped_already_done": len(done), "scores": str(out_path),
-                          "errors_file": str(writer.errors_path)}), file=sys.stderr)
+        print(json.dumps({"scored": 0, "errors": 0, "warnings": 0, "skipped_already_done": len(done),
+                          "scores": str(out_path), "errors_file": str(writer.errors_path)}))
         return 0
 
     if engine is None:
@@ -304,13 +337,14 @@ def cmd_score(args) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=mine, initial=len(done), unit="sample", file=sys.stderr, dynamic_ncols=True)
-    n_ok = n_err = tokens = 0
+    n_ok = n_err = n_warn = tokens = 0
     t0 = time.perf_counter()
     try:
         for r in engine.score_stream(todo(), hd_num=args.hd_num):
             if r.error is None:
-                writer.write_score(r.index, r.id, r.score, r.n_tokens)
+                writer.write_score(r.index, r.id, r.score, r.n_tokens, r.warnings)
                 n_ok += 1
+                n_warn += bool(r.warnings)
                 tokens += r.n_tokens
             else:
                 writer.write_error(r.index, r.id, r.error)
@@ -336,19 +370,28 @@ def cmd_score(args) -> int:
     job.save(job_path)
     el = time.perf_counter() - t0
     st = engine.stats()
-    print(json.dumps({
-        "scored": n_ok, "errors": n_err, "skipped_already_done": len(done), "seconds": round(el, 3),
-        "samples_per_s": round((n_ok + n_err) / el, 3) if el else None, "tokens_per_s": round(tokens / el, 1) if el
-        else None, "tokens_computed": st["tokens_computed"], "prefix_tokens_reused": st["prefix_tokens_reused"],
-        "scores": str(out_path), "errors_file": str(writer.errors_path),
-    }), file=sys.stderr)
+    print(json.dumps({  # the summary goes to stdout, progress and logs to stderr
+        "scored": n_ok, "errors": n_err, "warnings": n_warn, "skipped_already_done": len(done),
+        "seconds": round(el, 3), "samples_per_s": round((n_ok + n_err) / el, 3) if el else None,
+        "tokens_per_s": round(tokens / el, 1) if el else None, "tokens_computed": st["tokens_computed"],
+        "prefix_tokens_reused": st["prefix_tokens_reused"], "scores": str(out_path),
+        "errors_file": str(writer.errors_path),
+    }))
     return 0
 
 
 def cmd_filter(args) -> int:
     import math
 
-    from ixc_engine.corpus import LineError
+    from ixc_engine.corpus import (
+        JobManifest,
+        LineError,
+        by_line,
+        errors_path_for,
+        iter_lines,
+        job_path_for,
+        read_records,
+    )
     from ixc_engine.formats.source import open_corpus
 
     if args.min_score is not None and not math.isfinite(args.min_score):
@@ -369,8 +412,10 @@ def cmd_filter(args) -> int:
     if job is not None and job.shard[1] > 1:
         raise ValueError(f"{args.scores} is shard {job.shard[0]}/{job.shard[1]} of a job: `ixc-engine merge` the "
                          "shards first, then filter the merged scores")
-    scored = {r["line"]: r for r in read_records(args.scores, "score")}
-    failed = {r["line"]: r for r in read_records(errors_file, "error")}
+    score_recs, error_recs = read_records(args.scores, "score"), read_records(errors_file, "error")
+    by_line((args.scores, score_recs), (errors_file, error_recs))  # refuses a line recorded twice
+    scored = {r["line"]: r for r in score_recs}
+    failed = {r["line"]: r for r in error_recs}
     source = open_corpus(args.corpus, args.format)
     total = source.count()
     # Every corpus line must have exactly one record, with the corpus line's id: scores of another corpus, or of an
@@ -405,24 +450,26 @@ def cmd_filter(args) -> int:
 
         kept = write_kept(source, keep, args.output)
         print(json.dumps({"records": total, "scored": len(scores), "kept": kept, "dropped_low_score":
-                          len(scores) - kept, "dropped_errors": len(failed), "output": str(args.output)}),
-              file=sys.stderr)
+                          len(scores) - kept, "dropped_errors": len(failed), "output": str(args.output)}))
         return 0
-    with open(args.corpus, encoding="utf-8") as src, open(args.output, "w", encoding="utf-8") as dst:
-        for ln, raw in enumerate(src, 1):
+    # Bytes, split on b"\n" only as `score` split them: a kept line is copied exactly (CR, CRLF, NUL, invalid UTF-8
+    # and a missing final newline included), so the output is the corpus with the other lines cut out.
+    with open(args.output, "wb") as dst:
+        for ln, raw in iter_lines(args.corpus):
             if ln in keep:
-                dst.write(raw if raw.endswith("\n") else raw + "\n")
+                dst.write(raw)
     print(json.dumps({"lines": total, "scored": len(scores), "kept": len(keep), "dropped_low_score":
-                      len(scores) - len(keep), "dropped_errors": len(failed), "output": str(args.output)}),
-          file=sys.stderr)
+                      len(scores) - len(keep), "dropped_errors": len(failed), "output": str(args.output)}))
     return 0
 
 
 _SHARD_NAME = re.compile(r"^(?P<stem>.*)\.shard(?P<i>\d+)-of-(?P<n>\d+)\.jsonl$")
 
 
-def _check_shard_set(shards: list[Path]) -> list[JobManifest]:
+def _check_shard_set(shards: list[Path]) -> list:
     """All shards of one job, each finished: by their names (NAME.shardI-of-N.jsonl) and job descriptions."""
+    from ixc_engine.corpus import JobManifest, job_path_for
+
     named = [_SHARD_NAME.match(p.name) for p in shards]
     if all(named):
         counts = {int(m["n"]) for m in named}
@@ -447,26 +494,30 @@ def _check_shard_set(shards: list[Path]) -> list[JobManifest]:
             raise ValueError(f"{p} is an unfinished shard (job not complete): run its `ixc-engine score ... --shard "
                              f"{job.shard[0]}/{job.shard[1]}` again to finish it, then merge")
         jobs.append(job)
-    if jobs and len({(j.corpus, j.model, j.hd_num, j.max_length, j.dtype, j.shard[1]) for j in jobs}) != 1:
+    if jobs and len({(j.corpus, j.model, j.hd_num, j.max_length, j.dtype, j.shard[1], j.strict,
+                      j.escape_special_tokens) for j in jobs}) != 1:
         raise ValueError("the shards come from different jobs (corpus, model, hd_num, max_length, dtype or split)")
     return jobs
 
 
 def cmd_merge(args) -> int:
+    from ixc_engine.corpus import JobManifest, by_line, errors_path_for, job_path_for, read_records
+
     _check_outputs_apart({f"shard file {k}": p for k, p in enumerate(args.shards)} |
                          {f"errors file of shard {k}": errors_path_for(p) for k, p in enumerate(args.shards)},
                          [args.output, errors_path_for(args.output)])
     jobs = _check_shard_set(args.shards)
     counts = {}
-    for kind, path_of in (("score", lambda p: p), ("error", errors_path_for)):
-        records = []
-        for shard in args.shards:
-            records += [(rec["line"], raw) for rec, raw in read_records(path_of(shard), kind, with_lines=True)]
-        lines = [ln for ln, _ in records]
-        if len(set(lines)) != len(lines):
-            raise ValueError(f"the {kind} files of the shards overlap (a line appears twice)")
+    read = {(kind, shard): read_records(path_of(shard), kind, with_lines=True)
+            for kind, path_of in (("score", lambda p: p), ("error", errors_path_for)) for shard in args.shards}
+    try:  # a line recorded twice, in one file or across shards and kinds, is refused
+        by_line(*((shard if kind == "score" else errors_path_for(shard), recs) for (kind, shard), recs in read.items()))
+    except ValueError as exc:
+        raise ValueError(f"the shards overlap: {exc}") from None
+    for kind in ("score", "error"):
+        records = [(rec["line"], raw) for shard in args.shards for rec, raw in read[kind, shard]]
         dst = args.output if kind == "score" else errors_path_for(args.output)
-        with open(dst, "w", encoding="utf-8") as out:
+        with open(dst, "wb") as out:  # the records' bytes as the shards hold them
             out.writelines(raw for _, raw in sorted(records))
         counts[kind] = len(records)
         print(f"{kind}s: {len(records)} lines -> {dst}", file=sys.stderr)
@@ -474,7 +525,7 @@ def cmd_merge(args) -> int:
         j = jobs[0]
         merged = JobManifest(corpus=j.corpus, model=j.model, hd_num=j.hd_num, max_length=j.max_length, shard=(0, 1),
                              lines=sum(x.lines for x in jobs), dtype=j.dtype, complete=True, scored=counts["score"],
-                             errors=counts["error"])
+                             errors=counts["error"], strict=j.strict, escape_special_tokens=j.escape_special_tokens)
         if merged.lines != counts["score"] + counts["error"]:
             raise ValueError(f"the shards hold {counts['score'] + counts['error']} records for {merged.lines} lines")
         merged.save(job_path_for(args.output))
@@ -507,20 +558,51 @@ def cmd_serve(args) -> int:
     return serve(args)
 
 
+def cmd_report(args) -> int:
+    from ixc_engine.report.cli import cmd_report as report
+
+    return report(args)
+
+
+_NUMBER_OPTIONS = ("--min-score", "--drop-fraction")
+
+
+def _join_negative_numbers(argv: list[str]) -> list[str]:
+    """`--min-score -1e3` as `--min-score=-1e3`: argparse takes only -1 or -1.5 style values for an option, and reads
+    "-1e3" or "-inf" as an unknown option."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _NUMBER_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{a}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train-rm"]:  # its own parser (ixc_engine.training.cli), --help included
-        return cmd_train_rm(argparse.Namespace(rest=argv[1:]))
-    args = build_parser().parse_args(argv)
-    from ixc_engine.report.cli import cmd_report
-
-    handlers = {"score": cmd_score, "filter": cmd_filter, "merge": cmd_merge, "init-tiny": cmd_init_tiny,
-                "train-rm": cmd_train_rm, "report": cmd_report, "serve": cmd_serve}
     try:
-        return handlers[args.command](args)
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if argv[:1] == ["train-rm"]:  # its own parser (ixc_engine.training.cli), --help included
+            return cmd_train_rm(argparse.Namespace(rest=argv[1:]))
+        args = build_parser().parse_args(_join_negative_numbers(argv))
+        handlers = {"score": cmd_score, "filter": cmd_filter, "merge": cmd_merge, "init-tiny": cmd_init_tiny,
+                    "train-rm": cmd_train_rm, "report": cmd_report, "serve": cmd_serve}
+        try:
+            return handlers[args.command](args)
+        except (ValueError, RuntimeError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:  # e.g. while torch or the model loads: no traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ engine can reject an over-long sample instead of cutting off the reward token as
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ixc_engine.tokenizer import EOS_TOKEN, IM_END, IM_START, IMAGE_PLACEHOLDER, REWARD_TOKEN
+from ixc_engine.tokenizer import EOS_TOKEN, IM_END, IM_START, IMAGE_PLACEHOLDER, N_UNUSED_TOKENS, REWARD_TOKEN
 
 ROLES = ("system", "user", "assistant")
 MULTI_MEDIA_HD_NUM = 6  # upstream's hd_num for every item of a sample with more than one image
@@ -45,6 +46,12 @@ def validate_messages(messages: object) -> list[dict]:
             raise ValueError(f"messages[{i}]['role'] is {role!r}; it must be one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}]['content'] must be a str, got {type(content).__name__}")  # noqa: TRY004
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as exc:  # valid JSON ("\ud800"), but no tokenizer can take it
+            raise ValueError(f"messages[{i}]['content'] holds a lone UTF-16 surrogate at character {exc.start} "
+                             f"(not valid Unicode text): ...{content[max(exc.start - 20, 0):exc.start + 1]!a}"
+                             ) from None
         out.append({"role": role, "content": content})
     return out
 
@@ -66,12 +73,90 @@ def check_placeholders(n_placeholders: int, n_media: int) -> None:
         )
 
 
-def render_conversation(messages: Sequence[Mapping[str, str]]) -> str:
+# Strings the tokenizer turns into control tokens: <s> </s> <unk> (the HF wrapper's specials) and the user-defined
+# pieces [UNUSED_TOKEN_n], n < 147 (the template's [UNUSED_TOKEN_146] / [UNUSED_TOKEN_145] / [UNUSED_TOKEN_130]).
+_SPECIAL = re.compile(r"</s>|<s>|<unk>|\[UNUSED_TOKEN_(\d{1,3})\]")
+
+
+def special_tokens_in(text: str) -> list[str]:
+    """The special-token strings in ``text``, in order of first appearance."""
+    return list(dict.fromkeys(m[0] for m in _SPECIAL.finditer(text) if _is_special(m)))
+
+
+def _is_special(m: re.Match) -> bool:
+    return m[1] is None or int(m[1]) < N_UNUSED_TOKENS
+
+
+def conversation_warnings(messages: Sequence[Mapping[str, str]], *, escape_special: bool = False) -> list[str]:
+    """What is legal but most likely wrong in a validated conversation; it is scored anyway, as upstream would."""
+    out = []
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles[0] == "system" else roles
+    for i, role in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if role != want:
+            k = i + len(roles) - len(body)
+            out.append(f"roles out of order: messages[{k}] is {role!r} where {want!r} was due (a conversation is an "
+                       "optional system message, then user and assistant turns in turn)")
+            break
+    if roles[-1] != "assistant":
+        out.append(f"the last message is the {roles[-1]}'s, not the assistant's: the score is not of a reply")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            out.append(f"messages[{i}] is an empty assistant reply")
+    if not escape_special:
+        for i, m in enumerate(messages):
+            if found := special_tokens_in(m["content"]):
+                out.append(f"messages[{i}]['content'] holds the special-token string(s) {', '.join(found)}: they are "
+                           "read as control tokens, as upstream does (a reply can fake the end of the conversation or "
+                           "the reward position); --escape-special-tokens reads them as plain text")
+    return out
+
+
+def check_placeholders_without_media(messages: Sequence[Mapping[str, str]], n_media: int) -> None:
+    """``<ImageHere>`` in the text of a sample without any media: an error (upstream would read it as text; no real
+    corpus means that: the media are missing or sit under another key)."""
+    if n_media == 0:
+        n = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        if n:
+            raise ValueError(f"the text has {n} {IMAGE_PLACEHOLDER} placeholder(s) but the sample has no image or "
+                             "video (missing, or under a key other than 'images')")
+
+
+def render_conversation(messages: Sequence[Mapping[str, str]], *, escape_mark: str | None = None) -> str:
     """The prompt text: every message in the chat format, then ``</s>`` and the reward token. Content is used
-    verbatim (not stripped)."""
+    verbatim (not stripped). ``escape_mark``: a character put after the first character of every special-token
+    string in the content, where `encode_escaped` then cuts the text, so that none of them can match as a token."""
     msgs = validate_messages(messages)
+    if escape_mark is not None:
+        def cut(t: re.Match) -> str:
+            return t[0][0] + escape_mark + t[0][1:] if _is_special(t) else t[0]
+
+        msgs = [{"role": m["role"], "content": _SPECIAL.sub(cut, m["content"])} for m in msgs]
     body = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in msgs)
     return body + EOS_TOKEN + REWARD_TOKEN
+
+
+def _escape_mark(messages: Sequence[Mapping[str, str]]) -> str | None:
+    """A private-use character found in no message (None when no content holds a special-token string)."""
+    if not any(special_tokens_in(m["content"]) for m in messages):
+        return None
+    text = "".join(m["content"] for m in messages)
+    return next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in text)
+
+
+def _encoder(tokenizer: _Encoder, mark: str | None):
+    if mark is None:
+        return tokenizer.encode
+
+    def encode(text: str, add_bos: bool = False) -> list[int]:
+        first, *rest = text.split(mark)
+        ids = tokenizer.encode(first, add_bos=add_bos)
+        for part in rest:
+            ids += tokenizer.encode(part)
+        return ids
+
+    return encode
 
 
 @dataclass(slots=True)
@@ -129,7 +214,8 @@ class TemplatedSample:
 
 
 def build_sample(
-    tokenizer: _Encoder, messages: Sequence[Mapping[str, str]], n_media: int, hd_num: int
+    tokenizer: _Encoder, messages: Sequence[Mapping[str, str]], n_media: int, hd_num: int, *,
+    escape_special: bool = False,
 ) -> TemplatedSample:
     """Render ``messages`` and tokenize the prompt around ``n_media`` media items (images or videos).
 
@@ -137,8 +223,20 @@ def build_sample(
     - one item and no placeholder: one ``<ImageHere>`` is put at the very front of the prompt.
     - otherwise the number of placeholders must equal ``n_media`` (ValueError if not).
     The prompt is split on the placeholders; the first piece is encoded with BOS even when empty, later pieces
-    without BOS, and empty later pieces are left out."""
-    return build_sample_from_prompt(tokenizer, render_conversation(messages), n_media, hd_num)
+    without BOS, and empty later pieces are left out.
+
+    escape_special: special-token strings in message content (``</s>``, ``[UNUSED_TOKEN_145]``, ...) are encoded as
+    ordinary text, cut after their first character, instead of as control tokens (upstream's reading)."""
+    if not escape_special:
+        return build_sample_from_prompt(tokenizer, render_conversation(messages), n_media, hd_num)
+    mark = _escape_mark(validate_messages(messages))
+    prompt = render_conversation(messages, escape_mark=mark)
+    return build_sample_from_prompt(_Escaped(_encoder(tokenizer, mark)), prompt, n_media, hd_num)
+
+
+@dataclass(slots=True)
+class _Escaped:
+    encode: object
 
 
 def build_sample_from_prompt(tokenizer: _Encoder, prompt: str, n_media: int, hd_num: int) -> TemplatedSample:

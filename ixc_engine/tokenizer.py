@@ -59,6 +59,10 @@ class Tokenizer:
     __slots__ = ("_bos_id", "_eos_id", "_sp", "_special_ids", "_split_re", "_unk_id", "_vocab_size")
 
     def __init__(self, model: str | os.PathLike | bytes) -> None:
+        # The release's model makes SentencePiece log "Piece at index 354 is a null character" (and absl a banner)
+        # on every load, harmless and alarming; only errors are logged (a process-wide setting of the library).
+        if hasattr(spm, "set_min_log_level"):
+            spm.set_min_log_level(2)
         if isinstance(model, (bytes, bytearray, memoryview)):
             try:
                 self._sp = spm.SentencePieceProcessor(model_proto=bytes(model))

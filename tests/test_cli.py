@@ -65,7 +65,7 @@ def test_score_errors_and_order(corpus, tiny_ckpt, tmp_path, capsys):
     assert {r["id"] for r in errors if r["line"] in (10, 12, 14, 16)} == {"s9", "s11", "s13", "s15"}
     assert all(isinstance(r["score"], float) and r["n_tokens"] > 0 for r in scores)
     assert next(r for r in scores if r["id"] == "s1")["n_tokens"] > 841  # the image is in the sequence
-    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["scored"] == 18 and summary["errors"] == 6
 
 
@@ -229,7 +229,7 @@ def test_finished_job_is_not_rescored(corpus, tiny_ckpt, tmp_path, monkeypatch, 
     monkeypatch.setattr(RewardEngine, "from_pretrained", no_load)
     assert _score(corpus, tiny_ckpt, out) == 0
     assert out.read_bytes() == before
-    assert '"skipped_already_done": 24' in capsys.readouterr().err
+    assert '"skipped_already_done": 24' in capsys.readouterr().out
 
 
 def test_filter_refuses_scores_that_do_not_belong_to_the_corpus(corpus, tiny_ckpt, tmp_path, capsys):
@@ -262,7 +262,7 @@ def test_filter_refuses_scores_that_do_not_belong_to_the_corpus(corpus, tiny_ckp
     assert filt(corpus, out, "--min-score", "nan") == 2
     assert "finite" in capsys.readouterr().err
     assert filt(corpus, out, "--drop-fraction", "0.5") == 0
-    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary == {"lines": 24, "scored": 18, "kept": 9, "dropped_low_score": 9, "dropped_errors": 6,
                        "output": str(clean)}
 

@@ -3,6 +3,7 @@ cached prefixes through the paged KV cache, and yields scores in input order."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import time
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,9 @@ class EngineConfig:
     max_length: int | None = None  # None: the model's max_length
     max_media: int = MAX_MEDIA  # media items per sample; more is that sample's error
     max_image_pixels: int | None = MAX_IMAGE_PIXELS  # per image or video frame (Pillow's default bomb limit)
+    strict: bool = False  # a sample with warnings (legal but most likely wrong input) is an error, not scored
+    escape_special_tokens: bool = False  # special-token strings in message content are plain text (not upstream's)
+    ramp_up: bool = False  # first windows of 4, 8, 16, ... samples: first results sooner (the CLI's progress bar)
 
     def __post_init__(self) -> None:
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -52,6 +56,7 @@ class ScoreResult:
     score: float | None
     n_tokens: int | None
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)  # legal but most likely wrong input (scored anyway)
 
 
 @dataclass(slots=True)
@@ -73,14 +78,28 @@ class EngineStats:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
+def as_sample_error(exc: Exception) -> SampleError:
+    """Any exception raised while preparing one sample, as that sample's error (type and message kept)."""
+    if isinstance(exc, SampleError):
+        return exc
+    return SampleError(f"cannot prepare this sample ({type(exc).__name__}: {str(exc)[:500]})")
+
+
 def _prepare_worker(args):
-    tokenizer_path, sample, hd_num, max_length, max_media, max_pixels = args
+    tokenizer_path, sample, hd_num, max_length, max_media, max_pixels, escape = args
     tok = _worker_tokenizer(tokenizer_path)
     try:
         return prepare_sample(tok, sample, hd_num=hd_num, max_length=max_length, max_media=max_media,
-                              max_pixels=max_pixels)
-    except SampleError as exc:
-        return exc
+                              max_pixels=max_pixels, escape_special=escape)
+    except Exception as exc:  # noqa: BLE001 (whatever one sample holds is its own error, never the job's)
+        return as_sample_error(exc)
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent (which stops them), instead of each printing a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 _WORKER_TOKENIZERS: dict[str, Tokenizer] = {}  # per worker process, read-only after first load
@@ -140,9 +159,10 @@ class ScoringEngine:
                 out.append(prepare_sample(
                     self.tokenizer, s, hd_num=hd_num, max_length=self.max_length, media_cache=media_cache,
                     max_media=self.cfg.max_media, max_pixels=self.cfg.max_image_pixels,
+                    escape_special=self.cfg.escape_special_tokens,
                 ))
-            except SampleError as exc:
-                out.append(exc)
+            except Exception as exc:  # noqa: BLE001 (whatever one sample holds is its own error, never the job's)
+                out.append(as_sample_error(exc))
         self.stats.cpu_seconds += time.perf_counter() - t0
         return out
 
@@ -150,12 +170,18 @@ class ScoringEngine:
     def score_prepared(self, preps: list[PreparedSample]) -> list[float | SampleError]:
         """Scores for prepared samples (any order of lengths); prefix sharing within the list when the cache is on."""
         results: list[float | SampleError | None] = [None] * len(preps)
+        for _ in self._score_batches(preps, results):
+            pass
+        return results
+
+    def _score_batches(self, preps: list[PreparedSample], results: list) -> Iterator[list[int]]:
+        """Fills results[i] batch by batch; yields the indices of each batch as it finishes."""
         for p in preps:
             self.stats.tokens_requested += p.n_tokens
             self.stats.media_requested += len(p.media)
         if not self.cfg.prefix_cache:
-            self._run_wave(list(range(len(preps))), preps, None, results, [p.n_tokens for p in preps])
-            return results
+            yield from self._run_wave(list(range(len(preps))), preps, None, results, [p.n_tokens for p in preps])
+            return
         bs = self.cfg.block_size
         hashes = [self._host.block_hashes(p.content_keys(), bs) for p in preps]
         # Waves: of the samples whose first not-yet-cached block is the same, the longest ("leader") runs now and puts
@@ -187,11 +213,10 @@ class ScoringEngine:
                 later += [i for i in members if i != leader]
             wave.sort()
             later.sort()
-            self._run_wave(wave, preps, hashes, results, [to_compute[i] for i in wave])
+            yield from self._run_wave(wave, preps, hashes, results, [to_compute[i] for i in wave])
             remaining = later
-        return results
 
-    def _run_wave(self, wave: list[int], preps, hashes, results, to_compute: list[int]) -> None:
+    def _run_wave(self, wave: list[int], preps, hashes, results, to_compute: list[int]) -> Iterator[list[int]]:
         """Token-budget batches of one wave, in order; the budget counts the tokens each sample will compute (its
         length less the cached prefix found when the wave was formed).
 
@@ -203,7 +228,25 @@ class ScoringEngine:
             np.array(to_compute, dtype=np.int64), self.cfg.max_batch_tokens, self.cfg.max_batch_seqs,
         )
         overlap = not (hashes is not None and self.pooling == "mean")
-        queued: list = []
+        queued: list[tuple[list[int], list]] = []  # launched batches not read back yet: (indices, finishers)
+
+        def drain() -> list[int]:
+            idx, finishers = queued.pop(0)
+            for finish in finishers:
+                finish()
+            return idx
+
+        try:
+            for batch in order:
+                idx = [wave[j] for j in batch]
+                queued.append((idx, self._run_batch(idx, preps, hashes, results)))
+                while len(queued) > (1 if overlap else 0):
+                    yield drain()
+            while queued:
+                yield drain()
+        finally:
+            while queued:  # read back what was launched, also when a later launch failed
+                drain()
         try:
             for batch in order:
                 launched = self._run_batch([wave[j] for j in batch], preps, hashes, results)
@@ -343,6 +386,9 @@ class ScoringEngine:
         pending = None
         for window in self._windows(samples):
             submitted = self._submit(window, self._pool, hd_num)
+            if self._pool is None:  # prepared inline: nothing to overlap, so its results come first
+                yield from self._finish(window, submitted)
+                continue
             if pending is not None:
                 yield from self._finish(*pending)
             pending = (window, submitted)
@@ -359,13 +405,19 @@ class ScoringEngine:
 
     def _windows(self, samples) -> Iterator[list[tuple[int, Sample | SampleError]]]:
         window: list[tuple[int, Sample | SampleError]] = []
-        size = min(self.cfg.window, self.FIRST_WINDOW) if self.cfg.workers > 0 else self.cfg.window
+        # ramp_up: windows of 4, 8, 16, ... samples up to cfg.window, so that the first results (and a first rate)
+        # come after a few samples are prepared, not after a whole window of decoding and cropping; with workers and
+        # no ramp-up, a small first window so that the device starts while the next one is made
+        if self.cfg.ramp_up:
+            size = min(4, self.cfg.window)
+        else:
+            size = min(self.cfg.window, self.FIRST_WINDOW) if self.cfg.workers > 0 else self.cfg.window
         for counter, item in enumerate(samples):
             window.append(item if isinstance(item, tuple) else (counter, item))
             if len(window) >= size:
                 yield window
                 window = []
-                size = self.cfg.window
+                size = min(2 * size, self.cfg.window) if self.cfg.ramp_up else self.cfg.window
         if window:
             yield window
 
@@ -374,8 +426,8 @@ class ScoringEngine:
         real = [s for _, s in window if isinstance(s, Sample)]
         if pool is None:
             return self.prepare(real, hd_num)
-        args = [(self.tokenizer_path, s, hd_num, self.max_length, self.cfg.max_media, self.cfg.max_image_pixels)
-                for s in real]
+        args = [(self.tokenizer_path, s, hd_num, self.max_length, self.cfg.max_media, self.cfg.max_image_pixels,
+                 self.cfg.escape_special_tokens) for s in real]
         return [self._submit_one(pool, a) for a in args]
 
     def _submit_one(self, pool, args) -> Future:
@@ -389,7 +441,8 @@ class ScoringEngine:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: forking a process whose torch thread pools are running can deadlock the child
-        return ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_ignore_sigint)
 
     def _worker_result(self, fut: Future):
         """A worker's preparation of one sample. When a worker process died (killed for memory, a crash in a
@@ -400,6 +453,8 @@ class ScoringEngine:
             return fut.result()
         except BrokenProcessPool:
             pass
+        except Exception as exc:  # noqa: BLE001 (a result that failed to come back, e.g. unpicklable: its own error)
+            return as_sample_error(exc)
         for _ in range(2):
             if self._pool is None or self._pool is fut.ixc_pool:
                 if self._pool is not None:
@@ -410,25 +465,52 @@ class ScoringEngine:
                 return fut.result()
             except BrokenProcessPool:
                 continue
+            except Exception as exc:  # noqa: BLE001
+                return as_sample_error(exc)
         return SampleError("preparing this sample killed a worker process twice (out of memory, or a crash in an "
                            "image or video decoder); it is not scored")
 
     def _finish(self, window, submitted) -> Iterator[ScoreResult]:
+        """Results of one window in input order, each as soon as it and all before it are known (batch by batch)."""
         t0 = time.perf_counter()
         prepared = [self._worker_result(f) if isinstance(f, Future) else f for f in submitted]
         self.stats.cpu_seconds += time.perf_counter() - t0 if submitted and hasattr(submitted[0], "result") else 0.0
         real = [k for k, (_, s) in enumerate(window) if isinstance(s, Sample)]
         outcome: dict[int, PreparedSample | SampleError] = dict(zip(real, prepared))
+        if self.cfg.strict:
+            for k, o in outcome.items():
+                if isinstance(o, PreparedSample) and o.warnings:
+                    outcome[k] = SampleError("rejected by --strict: " + "; ".join(o.warnings))
         ok = [(k, p) for k, p in outcome.items() if isinstance(p, PreparedSample)]
-        scores = self.score_prepared([p for _, p in ok]) if ok else []
-        score_of = {k: s for (k, _), s in zip(ok, scores)}
-        for k, (index, s) in enumerate(window):
-            o = outcome.get(k, s)
+        ready: dict[int, ScoreResult] = {}
+
+        def result(k: int, o, score) -> ScoreResult:
+            index, s = window[k]
             sid = s.id if isinstance(s, Sample) else getattr(s, "sample_id", None)
             self.stats.samples += 1
-            if isinstance(o, PreparedSample) and not isinstance(score_of[k], SampleError):
-                yield ScoreResult(index, sid, float(score_of[k]), o.n_tokens)
-            else:
-                err = score_of[k] if isinstance(o, PreparedSample) else o
-                self.stats.errors += 1
-                yield ScoreResult(index, sid, None, getattr(o, "n_tokens", None), str(err))
+            if isinstance(o, PreparedSample) and isinstance(score, SampleError):
+                o, score = score, None
+            if isinstance(o, PreparedSample) and not math.isfinite(score):
+                o = SampleError(f"the model gave a non-finite score ({score}) for this sample; it is not written as a "
+                                "score (check the checkpoint, the dtype and the sample)")
+            if isinstance(o, PreparedSample):
+                return ScoreResult(index, sid, float(score), o.n_tokens, warnings=list(o.warnings))
+            self.stats.errors += 1
+            return ScoreResult(index, sid, None, getattr(o, "n_tokens", None), str(o))
+
+        for k, (_, s) in enumerate(window):
+            o = outcome.get(k, s)
+            if not isinstance(o, PreparedSample):
+                ready[k] = result(k, o, None)
+        next_k = 0
+        while next_k in ready:
+            yield ready.pop(next_k)
+            next_k += 1
+        scores: list = [None] * len(ok)
+        for batch in self._score_batches([p for _, p in ok], scores):
+            for j in batch:
+                k, p = ok[j]
+                ready[k] = result(k, p, scores[j])
+            while next_k in ready:
+                yield ready.pop(next_k)
+                next_k += 1

@@ -9,8 +9,13 @@ from typing import Any
 import numpy as np
 
 from ixc_engine.media.image import MAX_IMAGE_PIXELS, MediaCrops
-from ixc_engine.media.loader import MIN_MEDIA_TOKENS, load_media, media_digest, media_tokens
-from ixc_engine.template import build_sample, validate_messages
+from ixc_engine.media.loader import MIN_MEDIA_TOKENS, load_media, media_digest, media_tokens, mode_warning
+from ixc_engine.template import (
+    build_sample,
+    check_placeholders_without_media,
+    conversation_warnings,
+    validate_messages,
+)
 from ixc_engine.tokenizer import Tokenizer
 
 MEDIA_KEY_BIT = 1 << 62  # content keys of image positions live above every token id
@@ -26,6 +31,7 @@ class Sample:
     messages: list[dict]
     media: list[Any] = field(default_factory=list)  # paths (image or video by extension) or PIL images
     id: Any = None
+    warnings: list[str] = field(default_factory=list)  # found while reading it (e.g. a corpus key that is not read)
 
 
 @dataclass(slots=True)
@@ -37,6 +43,7 @@ class PreparedSample:
     media: list[MediaCrops]
     media_digests: list[str]
     n_tokens: int
+    warnings: list[str] = field(default_factory=list)  # legal but most likely wrong input, scored anyway
 
     def segments(self) -> list[tuple[int, int, list[int] | int]]:
         """(start, end, piece) in sequence positions."""
@@ -70,22 +77,25 @@ def _too_long(n_tokens: int, max_length: int, at_least: bool = False) -> SampleE
 
 def prepare_sample(
     tokenizer: Tokenizer, sample: Sample, *, hd_num: int, max_length: int, media_cache: dict | None = None,
-    max_media: int = MAX_MEDIA, max_pixels: int | None = MAX_IMAGE_PIXELS,
+    max_media: int = MAX_MEDIA, max_pixels: int | None = MAX_IMAGE_PIXELS, escape_special: bool = False,
 ) -> PreparedSample:
     """Validate, template and tokenize, load and crop media. Raises SampleError with a clear reason.
 
     Cheap checks come first, so that a hostile sample costs little to reject: the number of media (at most
     max_media), then each item's pixels (at most max_pixels per image or video frame) and the sample's length
-    from the media headers; only then is anything decoded. The length is checked again on the decoded crops."""
+    from the media headers; only then is anything decoded. The length is checked again on the decoded crops.
+    escape_special: read special-token strings in message content as plain text (see `template.build_sample`)."""
     if len(sample.media) > max_media:
         raise SampleError(
             f"sample has {len(sample.media)} media items, over the limit of {max_media} per sample (--max-media)"
         )
     try:
         messages = validate_messages(sample.messages)
-        templ = build_sample(tokenizer, messages, len(sample.media), hd_num)
-    except ValueError as exc:
-        raise SampleError(str(exc)) from exc
+        check_placeholders_without_media(messages, len(sample.media))
+        warnings = [*sample.warnings, *conversation_warnings(messages, escape_special=escape_special)]
+        templ = build_sample(tokenizer, messages, len(sample.media), hd_num, escape_special=escape_special)
+    except ValueError as exc:  # with what was found reading it (e.g. the media under a key that is not read)
+        raise SampleError("; ".join([str(exc), *sample.warnings])) from exc
     # Length from the headers; items not read yet (and videos without PyAV: None) count their minimum, so that
     # reading stops as soon as the sample is sure to be too long.
     expected: list[int] = []
@@ -115,7 +125,9 @@ def prepare_sample(
             media_cache[digest] = mc
         crops.append(mc)
         digests.append(digest)
+        if w := mode_warning(item):
+            warnings.append(w)
     n_tokens = templ.n_tokens([m.n_tokens for m in crops])
     if n_tokens > max_length:
         raise _too_long(n_tokens, max_length)
-    return PreparedSample(sample.id, templ.pieces, crops, digests, n_tokens)
+    return PreparedSample(sample.id, templ.pieces, crops, digests, n_tokens, warnings)

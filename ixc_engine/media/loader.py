@@ -157,6 +157,35 @@ def _load_bytes(item: MediaBytes, hd_num: int, video_backend: str | None, max_pi
             raise MediaError(str(e).replace(tmp.name, item.name, 1), path=None) from e
 
 
+# Modes that convert("RGB") clips (16-bit and 32-bit integers saturate at 255: white) or truncates (floats: 0..1
+# becomes black); upstream converts them so too, so they are scored, with a warning.
+_CLIPPED_MODES = {"I": "32-bit integer", "F": "32-bit float", "I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit",
+                  "I;16N": "16-bit"}
+
+
+def mode_warning(item: MediaItem) -> str | None:
+    """A warning for an image whose pixels convert("RGB") clips (read from the header only), else None."""
+    try:
+        if isinstance(item, Image.Image):
+            mode, name = item.mode, "a PIL image"
+        elif isinstance(item, MediaBytes):
+            if item.kind != "image":
+                return None
+            with Image.open(io.BytesIO(item.data)) as im:
+                mode, name = im.mode, item.name
+        elif _media_kind(Path(item)) == "image":
+            with Image.open(item) as im:
+                mode, name = im.mode, os.fspath(item)
+        else:
+            return None
+    except Exception:  # noqa: BLE001 (a file that cannot be opened is reported by load_media)
+        return None
+    if mode not in _CLIPPED_MODES:
+        return None
+    return (f"{name}: {_CLIPPED_MODES[mode]} image (mode {mode}): convert('RGB') clips it to 8 bits as upstream does "
+            "(values over 255 become white, floats in 0..1 black); convert it to 8-bit RGB for a meaningful score")
+
+
 def load_media(
     item: MediaItem, hd_num: int, *, video_backend: str | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS
 ) -> MediaCrops:
