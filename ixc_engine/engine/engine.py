@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ixc_engine.engine.cpu import init_worker_threads, worker_threads
 from ixc_engine.engine.host import get_host_core
 from ixc_engine.engine.runner import ModelRunner, SeqPlan
 from ixc_engine.engine.sequence import PreparedSample, Sample, SampleError, prepare_sample
@@ -289,7 +290,10 @@ class ScoringEngine:
     def _stream(self, samples, hd_num: int) -> Iterator[ScoreResult]:
         if self.cfg.workers > 0 and self._pool is None:  # kept for later calls (RL loops call score repeatedly)
             # spawn, not fork: forking a process whose torch thread pools are running can deadlock the child
-            self._pool = ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"))
+            # each worker gets its share of the cores: torch's default (all cores in every process) oversubscribes
+            self._pool = ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=init_worker_threads,
+                                             initargs=(worker_threads(self.cfg.workers),))
         pending = None
         for window in self._windows(samples):
             submitted = self._submit(window, self._pool, hd_num)
