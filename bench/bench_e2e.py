@@ -493,8 +493,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="repeat every timed call this many times, dtypes interleaved (their order alternating "
                     "between rounds); the summary gives medians (default 1)")
     ap.add_argument("--baseline-dtype", default=None,
-                    help="with several dtypes, the dtype(s) the baseline runs in, comma separated (default: the "
-                    "first of --dtype)")
+                    help="the dtype(s) the baseline runs in, comma separated, or none (default: the first of "
+                    "--dtype)")
     ap.add_argument("--n-samples", type=int, default=None, help="corpus samples (default 48 on CUDA, 3 on CPU)")
     ap.add_argument("--warmup-samples", type=int, default=None, help="default 4 on CUDA, 1 on CPU")
     ap.add_argument("--ns", default=None, help="best-of-N candidate counts, comma separated (default 4,8,16 on "
@@ -525,6 +525,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     names = {"bf16": torch.bfloat16, "fp32": torch.float32}
     dtype_list = [x.strip() for x in (args.dtype or ("bf16" if gpu else "fp32")).split(",") if x.strip()]
     base_list = [x.strip() for x in (args.baseline_dtype or dtype_list[0]).split(",") if x.strip()]
+    base_list = [] if base_list == ["none"] else base_list
     for x in dtype_list + base_list:
         if x not in names:
             ap.error(f"--dtype / --baseline-dtype: unknown dtype {x!r} (bf16 or fp32)")
@@ -668,7 +669,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"at most {peaks[d] / per_tok:.0f} tokens/s before attention, ViT and PLoRA", flush=True)
     print("FLOP rule: " + FLOP_RULE, flush=True)
     print(f"baseline: right-padded batches of {args.baseline_batch or 'the whole request'} samples, eager attention, "
-          f"per-image ViT, in {', '.join(_dt(x) for x in args.baseline_dtypes)}; engine: max_batch_tokens "
+          f"per-image ViT, in {', '.join(_dt(x) for x in args.baseline_dtypes) or 'no dtype (not run)'}; engine: "
+          f"max_batch_tokens "
           f"{args.max_batch_tokens}, workers {args.workers}, window {args.window}", flush=True)
     benches = {d: Bench(models[d], str(PACKAGED_TOKENIZER), dev, args.hd_num, args.max_batch_tokens,
                         args.baseline_batch, args.workers, args.window, peaks[d], rank) for d in dts}
