@@ -113,10 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=_int_at_least(1), default=64,
                    help="samples prepared and scheduled together (default 64); output is flushed every window")
     s.add_argument("--workers", type=_int_at_least(0), default=None,
-                   help="processes for preprocessing (decode, resize, tokenize) that overlap the model. Default: 0 "
-                   "on a CPU device (the model's matmuls use every core; on 2 cores workers only slowed it), "
-                   "min(8, cores - 2) on a GPU. Raise it on a CPU only with many cores and image-heavy samples "
-                   "whose preprocessing is a large share of the time (the summary's cpu_seconds)")
+                   help="processes for preprocessing (decode, resize, tokenize) that overlap the model (default 0: "
+                   "inline). Raise it on a GPU machine with spare cores (e.g. --workers 8 on a 16-core host), so "
+                   "that images are prepared while the GPU runs. On a CPU device the model's matmuls already use "
+                   "every core: raise it only on many cores with image-heavy samples whose preparation is a large "
+                   "share of the time (the summary's cpu_seconds)")
     s.add_argument("--no-prefix-cache", action="store_true", help="disable shared-prefix reuse (scores are equal)")
     s.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="score only lines with (line-1) %% N == I; output goes to <output>.shardI-of-N.jsonl "

@@ -151,8 +151,6 @@ def test_auto_records_its_choice_and_resume_keeps_the_jobs_dtype(small_corpus, t
 def test_worker_defaults():
     assert cpu.default_workers("cpu", cores=2) == 0
     assert cpu.default_workers("cpu", cores=64) == 0
-    assert cpu.default_workers("cuda", cores=16) == 8
-    assert cpu.default_workers("cuda", cores=2) == 0
     assert cpu.worker_threads(2, cores=2) == 1
     assert cpu.worker_threads(3, cores=16) == 4
     assert cpu.worker_threads(0, cores=8) == 8
@@ -162,7 +160,7 @@ def test_cli_workers_help_says_when_to_raise_it(capsys):
     with pytest.raises(SystemExit):
         main(["score", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--workers" in text and "Raise it" in text and "0 on a CPU device" in text
+    assert "--workers" in text and "Raise it on a GPU machine" in text and "On a CPU device" in text
 
 
 # --- the PLoRA row-run path ----------------------------------------------------------------------------------------
