@@ -46,7 +46,7 @@ from PIL import Image
 from upstream_baseline import UpstreamBaseline, dense_crops
 
 from ixc_engine.api import RewardEngine
-from ixc_engine.config import ModelConfig
+from ixc_engine.config import ModelConfig, VisionConfig
 from ixc_engine.engine.engine import EngineConfig
 from ixc_engine.engine.sequence import PreparedSample, Sample
 from ixc_engine.media.image import image_token_count
@@ -164,19 +164,34 @@ def init_random_(model: torch.nn.Module, seed: int) -> None:
             p.normal_(0.0, 1.0 / math.sqrt(math.prod(p.shape[1:])), generator=gen)
 
 
-def build_model(kind: str, device: torch.device, dtype: torch.dtype, layers: int | None, seed: int) -> IXCRewardModel:
+def mid_config() -> ModelConfig:
+    """The CPU mid-size shape: hidden 1024 x 4 layers (8 query heads of 128, 2 KV heads, FFN 3584, PLoRA rank 64: the
+    release's ratios at 1/4 width), ViT 256 x 4 layers (4 heads of 64), real 560/14 geometry and vocabulary."""
+    vision = VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
+    return ModelConfig(hidden_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                       intermediate_size=3584, plora_rank=64, plora_alpha=64, vision=vision)
+
+
+def build_model(kind: str, device: torch.device, dtype: torch.dtype, layers: int | None, seed: int,
+                vit_layers: int | None = None) -> IXCRewardModel:
     """Random-weight model built on the meta device, cast, then materialised on `device` in `dtype` (no fp32 copy of
     the 8B parameters on the host first)."""
     if kind == "real":
         cfg = ModelConfig(plora_rank=256, plora_alpha=256)
+    elif kind == "mid":
+        cfg = mid_config()
     elif kind == "tiny":
         cfg = tiny_config()
     else:
-        raise ValueError(f"--model must be 'real' or 'tiny', got {kind!r}")
+        raise ValueError(f"--model must be 'real', 'mid' or 'tiny', got {kind!r}")
     if layers is not None:
         if layers < 1:
             raise ValueError(f"--layers must be >= 1, got {layers}")
         cfg.num_hidden_layers = layers
+    if vit_layers is not None:
+        if vit_layers < 1:
+            raise ValueError(f"--vit-layers must be >= 1, got {vit_layers}")
+        cfg.vision.num_hidden_layers = vit_layers
     with torch.device("meta"):
         model = IXCRewardModel(cfg, cfg.plora_rank)
     model = model.to(dtype).to_empty(device=device)
@@ -255,8 +270,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """Measured dense matmul FLOP/s in `dtype`: the MFU ceiling. CUDA: 8192^3, median of do_bench. CPU: 2048^3, the
-    fastest of 5 calls (a shared CPU's median understates what the cores can do)."""
+    """Measured dense matmul FLOP/s in `dtype`: the MFU ceiling. CUDA: 8192^3, median of do_bench. CPU: 2048^3
+    F.linear (the model's own op: oneDNN where the CPU has bf16 units; a bare bf16 `a @ b` can take a far slower
+    path), the fastest of 5 calls (a shared CPU's median understates what the cores can do)."""
     n = 8192 if device.type == "cuda" else 2048
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
@@ -265,9 +281,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     if device.type == "cuda":
         ms = do_bench_median(lambda: a @ b, device=device, warmup_ms=100, rep_ms=500)
         return 2.0 * n**3 / (ms * 1e-3), name + ", median of do_bench"
-    a @ b
-    secs = min(timed(lambda: a @ b, device)[0] for _ in range(5))
-    return 2.0 * n**3 / secs, name + ", fastest of 5"
+    with torch.inference_mode():
+        torch.nn.functional.linear(a, b)
+        secs = min(timed(lambda: torch.nn.functional.linear(a, b), device)[0] for _ in range(5))
+    return 2.0 * n**3 / secs, name + " (F.linear), fastest of 5"
 
 
 def free_memory(device: torch.device) -> None:
@@ -344,8 +361,10 @@ def check_scores(name: str, scores) -> None:
         raise RuntimeError(f"{name}: {len(bad)} non-finite scores (random weights overflowed or a bug): {bad[:3]}")
 
 
-def bench_corpus(b: Bench, tmp: Path, n: int, warm: int, seed: int, sources: list[Path], modes: list[str]) -> None:
-    """(a): samples/s and tokens/s of engine vs baseline, end to end and model only, plus MFU."""
+def bench_corpus(b: Bench, tmp: Path, n: int, warm: int, seed: int, sources: list[Path], modes: list[str], *,
+                 baseline: bool = True, warm_up: bool = True, tag: str = "") -> None:
+    """(a): samples/s and tokens/s of engine vs baseline, end to end and model only, plus MFU. `tag` (the dtype in a
+    --dtype fp32,bf16 run) is appended to the scorer names; baseline=False runs the engine only."""
     cfg = b.model.cfg
     samples = corpus_samples(tmp, n, seed, sources)
     warm_samples = corpus_samples(tmp, warm, seed + 1, sources)
@@ -364,9 +383,12 @@ def bench_corpus(b: Bench, tmp: Path, n: int, warm: int, seed: int, sources: lis
     images = [s.media for s in samples]
     warm_convs, warm_images = [s.messages for s in warm_samples], [s.media for s in warm_samples]
 
-    b.engine().score(warm_convs, warm_images, hd_num=b.hd_num)
-    b.run_baseline(lambda base: base.score_conversations(warm_convs, warm_images))
-    free_memory(b.device)
+    if warm_up:
+        b.engine().score(warm_convs, warm_images, hd_num=b.hd_num)
+        if baseline:
+            b.run_baseline(lambda base: base.score_conversations(warm_convs, warm_images))
+        free_memory(b.device)
+    sfx = f" {tag}" if tag else ""
 
     for mode in modes:
         eng = b.engine()
@@ -377,32 +399,43 @@ def bench_corpus(b: Bench, tmp: Path, n: int, warm: int, seed: int, sources: lis
         st = eng.stats()
         del eng
         free_memory(b.device)
+        check_scores("engine", s_e)
+        name = f"corpus {mode}"
+        extra = {"tokens_computed": st["tokens_computed"], "batches": st["batches"],
+                 "cpu_seconds": round(st["cpu_seconds"], 3), "gpu_seconds": round(st["gpu_seconds"], 3),
+                 "scores": list(s_e)}
+        if not baseline:
+            b.add(Row(name, "engine" + sfx, secs_e, n, tokens, n / secs_e, tokens / secs_e,
+                      mfu=flops.total / secs_e / b.peak_flops, extra=extra))
+            print(f"    engine split: {st['cpu_seconds']:.2f} s preparation, {st['gpu_seconds']:.2f} s in the runner",
+                  flush=True)
+            continue
         if mode == "end-to-end":
             secs_b, s_b, base = b.run_baseline(lambda base: base.score_conversations(convs, images))
         else:
             base_preps = dense_crops(preps)  # upstream's float32 crops, made before timing as the engine's were
             secs_b, s_b, base = b.run_baseline(lambda base, bp=base_preps: base.score_prepared(bp))
-        check_scores("engine", s_e)
         check_scores("baseline", s_b)
         diff = max(abs(x - y) for x, y in zip(s_e, s_b))
-        name = f"corpus {mode}"
-        b.add(Row(name, "upstream baseline", secs_b, n, tokens, n / secs_b, tokens / secs_b,
+        b.add(Row(name, "upstream baseline" + sfx, secs_b, n, tokens, n / secs_b, tokens / secs_b,
                   mfu=flops.total / secs_b / b.peak_flops,
                   extra={"padded_tokens": base.stats.padded_tokens, "padded_batch": b.baseline_batch,
                          "vit_calls": base.stats.vit_calls}))
-        b.add(Row(name, "engine", secs_e, n, tokens, n / secs_e, tokens / secs_e,
-                  mfu=flops.total / secs_e / b.peak_flops, speedup=secs_b / secs_e,
-                  extra={"tokens_computed": st["tokens_computed"], "batches": st["batches"],
-                         "cpu_seconds": round(st["cpu_seconds"], 3), "gpu_seconds": round(st["gpu_seconds"], 3),
-                         "max_abs_score_diff_vs_baseline": diff}))
+        extra["max_abs_score_diff_vs_baseline"] = diff
+        b.add(Row(name, "engine" + sfx, secs_e, n, tokens, n / secs_e, tokens / secs_e,
+                  mfu=flops.total / secs_e / b.peak_flops, speedup=secs_b / secs_e, extra=extra))
         print(f"    engine split: {st['cpu_seconds']:.2f} s preparation, {st['gpu_seconds']:.2f} s in the runner; "
               f"baseline ran {base.stats.padded_tokens} padded tokens for {tokens} real; "
               f"max |score engine - baseline| {diff:.3g}", flush=True)
 
 
-def bench_best_of_n(b: Bench, tmp: Path, ns: list[int], seed: int, sources: list[Path]) -> None:
+def bench_best_of_n(b: Bench, tmp: Path, ns: list[int], seed: int, sources: list[Path], *, baseline: bool = True,
+                    warm_up: bool = True, tag: str = "") -> None:
     """(b): candidates/s with sharing on vs off vs the baseline, N candidates on one image prompt."""
+    sfx = f" {tag}" if tag else ""
     for mode_seed, run in enumerate(("warm-up", *ns)):
+        if run == "warm-up" and not warm_up:
+            continue
         n = 2 if run == "warm-up" else run
         messages, cands, photo = best_of_n_request(tmp, n, seed + 1000 + mode_seed, sources)
         figures: dict[str, tuple[float, int, dict]] = {}
@@ -414,23 +447,26 @@ def bench_best_of_n(b: Bench, tmp: Path, ns: list[int], seed: int, sources: list
             figures[scorer] = (secs, eng.stats()["tokens_requested"], eng.stats())
             del eng
             free_memory(b.device)
-        secs, scores, base = b.run_baseline(functools.partial(UpstreamBaseline.best_of_n, messages=messages,
-                                                              candidates=cands, images=[photo]))
-        check_scores("baseline", scores)
-        figures["upstream baseline"] = (secs, base.stats.tokens, base.stats.as_dict())
+        if baseline:
+            secs, scores, base = b.run_baseline(functools.partial(UpstreamBaseline.best_of_n, messages=messages,
+                                                                  candidates=cands, images=[photo]))
+            check_scores("baseline", scores)
+            figures["upstream baseline"] = (secs, base.stats.tokens, base.stats.as_dict())
         if run == "warm-up":
             continue
         name = f"best-of-{n}"
-        base_secs = figures["upstream baseline"][0]
+        base_secs = figures["upstream baseline"][0] if baseline else None
         for scorer in ("upstream baseline", "sharing off", "sharing on"):
+            if scorer not in figures:
+                continue
             secs, tokens, st = figures[scorer]
             extra = {"tokens_computed": st["tokens_computed"], "prefix_tokens_reused": st["prefix_tokens_reused"]} \
                 if scorer != "upstream baseline" else {"padded_tokens": st["padded_tokens"]}
             if scorer == "sharing on":
                 extra["speedup_vs_sharing_off"] = figures["sharing off"][0] / secs
-            b.add(Row(name, "engine " + scorer if scorer != "upstream baseline" else scorer, secs, n, tokens,
-                      n / secs, tokens / secs, speedup=None if scorer == "upstream baseline" else base_secs / secs,
-                      extra=extra))
+            speedup = None if scorer == "upstream baseline" or base_secs is None else base_secs / secs
+            b.add(Row(name, ("engine " + scorer if scorer != "upstream baseline" else scorer) + sfx, secs, n, tokens,
+                      n / secs, tokens / secs, speedup=speedup, extra=extra))
         on, off = figures["sharing on"], figures["sharing off"]
         print(f"    sharing on/off: {off[0] / on[0]:.2f}x candidates/s; tokens computed {on[2]['tokens_computed']} vs "
               f"{off[2]['tokens_computed']} of {on[1]} requested", flush=True)
@@ -447,9 +483,19 @@ def machine() -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--model", choices=("real", "tiny"), default=None, help="default: real on CUDA, tiny on CPU")
+    ap.add_argument("--model", choices=("real", "mid", "tiny"), default=None,
+                    help="default: real on CUDA, tiny on CPU; mid: hidden 1024 x 4 layers, ViT 256 x 4 (mid_config)")
     ap.add_argument("--layers", type=int, default=None, help="LLM layers (default: the config's, 32 for real)")
-    ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--vit-layers", type=int, default=None, help="ViT layers (default: the config's, 24 for real)")
+    ap.add_argument("--dtype", default=None,
+                    help="bf16, fp32, or a comma list such as fp32,bf16: every dtype runs on the same weights "
+                    "(rounded), interleaved within each round (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every timed call this many times, dtypes interleaved (their order alternating "
+                    "between rounds); the summary gives medians (default 1)")
+    ap.add_argument("--baseline-dtype", default=None,
+                    help="the dtype(s) the baseline runs in, comma separated, or none (default: the first of "
+                    "--dtype)")
     ap.add_argument("--n-samples", type=int, default=None, help="corpus samples (default 48 on CUDA, 3 on CPU)")
     ap.add_argument("--warmup-samples", type=int, default=None, help="default 4 on CUDA, 1 on CPU")
     ap.add_argument("--ns", default=None, help="best-of-N candidate counts, comma separated (default 4,8,16 on "
@@ -478,7 +524,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--device cuda: torch sees no CUDA GPU")
     gpu = args.device.type == "cuda"
     args.model = args.model or ("real" if gpu else "tiny")
-    args.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if gpu else "fp32")]
+    names = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    dtype_list = [x.strip() for x in (args.dtype or ("bf16" if gpu else "fp32")).split(",") if x.strip()]
+    base_list = [x.strip() for x in (args.baseline_dtype or dtype_list[0]).split(",") if x.strip()]
+    base_list = [] if base_list == ["none"] else base_list
+    for x in dtype_list + base_list:
+        if x not in names:
+            ap.error(f"--dtype / --baseline-dtype: unknown dtype {x!r} (bf16 or fp32)")
+    if len(set(dtype_list)) != len(dtype_list) or not set(base_list) <= set(dtype_list):
+        ap.error("--dtype: each dtype once; --baseline-dtype: a subset of --dtype")
+    args.dtypes = [names[x] for x in dtype_list]
+    args.baseline_dtypes = [names[x] for x in base_list]
+    args.dtype = args.dtypes[0]
     args.n_samples = args.n_samples if args.n_samples is not None else (48 if gpu else 3)
     args.warmup_samples = args.warmup_samples if args.warmup_samples is not None else (4 if gpu else 1)
     args.ns = args.ns or ("4,8,16" if gpu else "4,8")
@@ -490,7 +547,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.ns = [int(x) for x in args.ns.split(",") if x.strip()]
     except ValueError:
         ap.error(f"--ns must be comma-separated integers, got {args.ns!r}")
-    for name in ("n_samples", "warmup_samples", "hd_num", "max_batch_tokens", "window"):
+    for name in ("n_samples", "warmup_samples", "hd_num", "max_batch_tokens", "window", "rounds"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.ns or min(args.ns) < 1:
@@ -498,45 +555,154 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _dt(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def kendall_tau(a, b) -> float:
+    """Kendall's tau-a of two score lists (O(n^2)): 1 = same order, -1 = reversed; ties count as discordant-free 0."""
+    n, s = len(a), 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            s += int(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]))
+    return s / (n * (n - 1) / 2) if n > 1 else 1.0
+
+
+def summarize(rows: list[Row], peaks: dict[str, float], dtypes: list[str]) -> dict:
+    """Medians over rounds per (bench, scorer), and the same-run ratios: each dtype's engine vs the first dtype's
+    engine and vs the baseline, each from per-round medians."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.bench, r.scorer), []).append(r)
+    med = {}
+    print("summary (medians over rounds):", flush=True)
+    for (bench, scorer), rs in groups.items():
+        secs = float(np.median([r.seconds for r in rs]))
+        mfus = [r.mfu for r in rs if r.mfu is not None]
+        entry = {"bench": bench, "scorer": scorer, "rounds": len(rs), "median_seconds": secs,
+                 "seconds": [round(r.seconds, 3) for r in rs], "items_per_s": rs[0].items / secs,
+                 "tokens_per_s": rs[0].tokens / secs, "mfu": float(np.median(mfus)) if mfus else None}
+        gpu = [r.extra.get("gpu_seconds") for r in rs if r.extra.get("gpu_seconds") is not None]
+        if gpu:
+            entry["median_runner_seconds"] = float(np.median(gpu))
+        med[(bench, scorer)] = entry
+        mfu = f"MFU {100 * entry['mfu']:5.1f}%" if entry["mfu"] is not None else "           "
+        print(f"  {bench:<24} {scorer:<27} {entry['items_per_s']:9.3f} /s {entry['tokens_per_s']:10.1f} tok/s {mfu}"
+              f"  median of {len(rs)}: {secs:.2f} s {entry['seconds']}", flush=True)
+    ratios = []
+    benches = list(dict.fromkeys(r.bench for r in rows))
+    first = dtypes[0]
+    for bench in benches:
+        for scorer_base in ("engine", "engine sharing on", "engine sharing off"):
+            ref = med.get((bench, f"{scorer_base} {first}")) if len(dtypes) > 1 else med.get((bench, scorer_base))
+            for d in dtypes[1:]:
+                cur = med.get((bench, f"{scorer_base} {d}"))
+                if ref is None or cur is None:
+                    continue
+                line = {"bench": bench, "what": f"{scorer_base} {d} vs {first}",
+                        "ratio": ref["median_seconds"] / cur["median_seconds"]}
+                if "median_runner_seconds" in ref and "median_runner_seconds" in cur:
+                    line["runner_ratio"] = ref["median_runner_seconds"] / cur["median_runner_seconds"]
+                ratios.append(line)
+            for d in dtypes:
+                name = f"{scorer_base} {d}" if len(dtypes) > 1 else scorer_base
+                cur = med.get((bench, name))
+                for bd in dtypes:
+                    base = med.get((bench, f"upstream baseline {bd}" if len(dtypes) > 1 else "upstream baseline"))
+                    if cur is None or base is None:
+                        continue
+                    ratios.append({"bench": bench, "what": f"{name} vs upstream baseline"
+                                   + (f" {bd}" if len(dtypes) > 1 else ""),
+                                   "ratio": base["median_seconds"] / cur["median_seconds"]})
+    for r in ratios:
+        extra = f" (runner time {r['runner_ratio']:.2f}x)" if "runner_ratio" in r else ""
+        print(f"  {r['bench']:<24} {r['what']:<45} {r['ratio']:6.2f}x{extra}", flush=True)
+    agreement = []
+    if len(dtypes) > 1:  # scores of the same samples in each dtype (same weights, rounded): rank and relative gap
+        for bench in benches:
+            ref = [r for r in rows if r.bench == bench and r.scorer == f"engine {first}" and "scores" in r.extra]
+            for d in dtypes[1:]:
+                cur = [r for r in rows if r.bench == bench and r.scorer == f"engine {d}" and "scores" in r.extra]
+                if ref and cur:
+                    a, b = np.array(ref[0].extra["scores"]), np.array(cur[0].extra["scores"])
+                    rel = float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-6)))
+                    agreement.append({"bench": bench, "what": f"{d} vs {first}", "max_rel_diff": rel,
+                                      "kendall_tau": kendall_tau(a, b), "n": len(a)})
+                    print(f"  {bench:<24} scores {d} vs {first}: max relative difference {rel:.3g}, Kendall tau "
+                          f"{agreement[-1]['kendall_tau']:.3f} over {len(a)} samples", flush=True)
+    return {"medians": list(med.values()), "ratios": ratios, "agreement": agreement,
+            "peaks": {d: peaks[d] for d in dtypes}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    dev, dtype = args.device, args.dtype
+    dev = args.device
     if dev.type == "cpu":
-        print("NOTE: CPU run with the tiny model unless --model real: figures check the harness, they say nothing "
-              "about GPU performance.", flush=True)
-    model = build_model(args.model, dev, dtype, args.layers, args.seed)
-    cfg = model.cfg
-    rank = model.model.layers[0].attention.wqkv.Plora_A.weight.shape[0]
-    n_params = sum(p.numel() for p in model.parameters())
+        print("NOTE: CPU run: torch reference ops; figures say nothing about GPU performance.", flush=True)
+    first = build_model(args.model, dev, args.dtypes[0], args.layers, args.seed, args.vit_layers)
+    models = {_dt(args.dtypes[0]): first}
+    for d in args.dtypes[1:]:  # the same weights, rounded to d
+        m = build_model(args.model, dev, d, args.layers, args.seed, args.vit_layers)
+        with torch.no_grad():
+            for (_, pa), (_, pb) in zip(first.named_parameters(), m.named_parameters()):
+                pb.copy_(pa)
+        models[_dt(d)] = m
+    cfg = first.cfg
+    rank = first.model.layers[0].attention.wqkv.Plora_A.weight.shape[0]
+    n_params = sum(p.numel() for p in first.parameters())
+    dts = list(models)
     print(f"model: {args.model}, {cfg.num_hidden_layers} LLM layers, hidden {cfg.hidden_size}, PLoRA rank {rank}, "
           f"ViT {cfg.vision.num_hidden_layers}x{cfg.vision.hidden_size}; {n_params / 1e9:.3f}B params in "
-          f"{str(dtype).removeprefix('torch.')} on {dev} ({machine().get('gpu', platform.processor() or 'cpu')}), "
-          f"built in {time.perf_counter() - t_start:.1f} s", flush=True)
-    peak, peak_how = matmul_peak(dev, dtype)
+          f"{', '.join(dts)} on {dev} ({machine().get('gpu', platform.processor() or 'cpu')}), torch threads "
+          f"{torch.get_num_threads()}, built in {time.perf_counter() - t_start:.1f} s; load average "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    peaks, peak_how = {}, {}
+    for _ in range(2 if len(dts) > 1 else 1):  # interleaved: a burst of load hits every dtype
+        for d, dtype in zip(dts, args.dtypes):
+            f, how = matmul_peak(dev, dtype)
+            peaks[d], peak_how[d] = max(peaks.get(d, 0.0), f), how
     pc = param_counts(cfg, rank)
     per_tok = 2.0 * pc["llm"]
-    print(f"peak: {peak / 1e12:.2f} TFLOP/s ({peak_how}); LLM linear FLOPs per token {per_tok:.3e} -> at most "
-          f"{peak / per_tok:.0f} tokens/s before attention, ViT and PLoRA", flush=True)
+    for d in dts:
+        print(f"peak {d}: {peaks[d] / 1e12:.3f} TFLOP/s ({peak_how[d]}); LLM linear FLOPs per token {per_tok:.3e} -> "
+              f"at most {peaks[d] / per_tok:.0f} tokens/s before attention, ViT and PLoRA", flush=True)
     print("FLOP rule: " + FLOP_RULE, flush=True)
     attn = "eager attention" if dev.type == "cpu" else "flash attention per sequence"
     print(f"baseline: right-padded batches of {args.baseline_batch or 'the whole request'} samples, {attn}, "
-          f"per-image ViT; engine: max_batch_tokens {args.max_batch_tokens}, workers {args.workers}, window "
-          f"{args.window}", flush=True)
-    b = Bench(model, str(PACKAGED_TOKENIZER), dev, args.hd_num, args.max_batch_tokens, args.baseline_batch,
-              args.workers, args.window, peak, rank)
+          f"per-image ViT, in {', '.join(_dt(x) for x in args.baseline_dtypes) or 'no dtype (not run)'}; engine: "
+          f"max_batch_tokens {args.max_batch_tokens}, workers {args.workers}, window {args.window}", flush=True)
+    benches = {d: Bench(models[d], str(PACKAGED_TOKENIZER), dev, args.hd_num, args.max_batch_tokens,
+                        args.baseline_batch, args.workers, args.window, peaks[d], rank) for d in dts}
+    with_base = {_dt(x) for x in args.baseline_dtypes}
+    tag = len(dts) > 1
     sources = source_photos(args.media_dir)
+    loads = []
     with tempfile.TemporaryDirectory(prefix="ixc_bench_") as tmp:
         modes = [m for m in ("end-to-end", "model-only") if m not in args.skip]
-        if modes:
-            bench_corpus(b, Path(tmp), args.n_samples, args.warmup_samples, args.seed, sources, modes)
-        if "best-of-n" not in args.skip:
-            print(f"(b) best-of-N on one image prompt at hd_num {args.hd_num}, N = {args.ns}", flush=True)
-            bench_best_of_n(b, Path(tmp), args.ns, args.seed, sources)
+        for rnd in range(args.rounds):
+            order = dts if rnd % 2 == 0 else dts[::-1]
+            loads.append(os.getloadavg()[0])
+            if args.rounds > 1:
+                print(f"--- round {rnd + 1} of {args.rounds} (order {', '.join(order)}; load average {loads[-1]:.2f})",
+                      flush=True)
+            if modes:
+                for d in order:
+                    bench_corpus(benches[d], Path(tmp), args.n_samples, args.warmup_samples, args.seed, sources,
+                                 modes, baseline=d in with_base, warm_up=rnd == 0, tag=d if tag else "")
+            if "best-of-n" not in args.skip:
+                print(f"(b) best-of-N on one image prompt at hd_num {args.hd_num}, N = {args.ns}", flush=True)
+                for d in order:
+                    bench_best_of_n(benches[d], Path(tmp), args.ns, args.seed, sources, baseline=d in with_base,
+                                    warm_up=rnd == 0, tag=d if tag else "")
+    loads.append(os.getloadavg()[0])
+    rows = [r for d in dts for r in benches[d].rows]
+    summary = summarize(rows, peaks, dts)
     wall = time.perf_counter() - t_start
-    print(f"total wall time {wall:.1f} s", flush=True)
+    print(f"total wall time {wall:.1f} s; load average at each round's start and the end: "
+          f"{', '.join(f'{x:.2f}' for x in loads)}", flush=True)
     result = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -544,15 +710,20 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(dev),
         "model": args.model,
         "layers": cfg.num_hidden_layers,
-        "dtype": str(dtype).removeprefix("torch."),
+        "vit_layers": cfg.vision.num_hidden_layers,
+        "dtype": dts[0] if len(dts) == 1 else dts,
         "hd_num": args.hd_num,
-        "peak_flops": peak,
-        "peak_how": peak_how,
+        "peak_flops": peaks[dts[0]],
+        "peak_how": peak_how[dts[0]],
+        "peaks": peaks,
         "flop_rule": FLOP_RULE,
-        "baseline_batch": b.baseline_batch,
+        "baseline_batch": benches[dts[0]].baseline_batch,
         "max_batch_tokens": args.max_batch_tokens,
+        "rounds": args.rounds,
+        "load_averages": loads,
         "wall_seconds": wall,
-        "rows": [asdict(r) for r in b.rows],
+        "summary": summary,
+        "rows": [asdict(r) for r in rows],
     }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

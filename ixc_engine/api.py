@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ixc_engine.checkpoint import load_model
+from ixc_engine.checkpoint import load_model, resolve_checkpoint
+from ixc_engine.config import ModelConfig
 from ixc_engine.engine.engine import EngineConfig, ScoreResult, ScoringEngine
 from ixc_engine.engine.runner import ModelRunner
 from ixc_engine.engine.sequence import Sample, SampleError
@@ -20,8 +21,17 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
-    """Defaults: the first CUDA GPU in bf16 when there is one, else the CPU in fp32."""
+def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None,
+                         hidden_size: int | None = None):
+    """Defaults: the first CUDA GPU in bf16 when there is one, else the CPU in fp32.
+
+    dtype "auto": bf16 on a GPU; on a CPU bf16 only where it has bf16 matrix units and a same-run probe at the model's
+    width (`hidden_size`) shows bf16 faster, else fp32 (`ixc_engine.engine.cpu.auto_cpu_dtype`, < 1 s)."""
+    return _resolve_device_dtype(device, dtype, hidden_size)[:2]
+
+
+def _resolve_device_dtype(device, dtype, hidden_size: int | None = None):
+    """(device, dtype, CpuDtypeChoice or None): the choice when `auto` decided on a CPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -29,11 +39,20 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.d
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    choice = None
+    if isinstance(dtype, str) and dtype == "auto":
+        if device.type == "cpu":
+            from ixc_engine.engine.cpu import auto_cpu_dtype
+
+            choice = auto_cpu_dtype(hidden_size)
+            dtype = choice.dtype
+        else:
+            dtype = torch.bfloat16
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES) + ['auto']}")
         dtype = DTYPES[dtype]
-    return device, dtype
+    return device, dtype, choice
 
 
 class RewardEngine:
@@ -45,6 +64,7 @@ class RewardEngine:
 
     def __init__(self, engine: ScoringEngine) -> None:
         self.engine = engine
+        self.dtype_choice = None  # what dtype="auto" measured and chose on a CPU (CpuDtypeChoice), else None
 
     @classmethod
     def from_pretrained(
@@ -52,7 +72,12 @@ class RewardEngine:
         dtype: str | torch.dtype | None = None, *, pooling: str | None = None, backend: str | None = None,
         config: EngineConfig | None = None,
     ) -> RewardEngine:
-        device, dtype = resolve_device_dtype(device, dtype)
+        hidden = None
+        if isinstance(dtype, str) and dtype == "auto":  # the probe runs at the model's own width
+            path_or_id = resolve_checkpoint(path_or_id)
+            if (Path(path_or_id) / "config.json").is_file():  # else load_model says what is missing
+                hidden = ModelConfig.from_file(Path(path_or_id) / "config.json").hidden_size
+        device, dtype, choice = _resolve_device_dtype(device, dtype, hidden)
         model, ckpt = load_model(path_or_id, dtype=dtype, device=device, pooling=pooling)
         tok_path = Path(ckpt) / "tokenizer.model"
         if not tok_path.is_file():
@@ -61,7 +86,9 @@ class RewardEngine:
 
             warnings.warn(f"{ckpt}: no tokenizer.model, using the packaged InternLM2 tokenizer", stacklevel=2)
             tok_path = PACKAGED_TOKENIZER
-        return cls.from_model(model, tok_path, backend=backend, config=config)
+        engine = cls.from_model(model, tok_path, backend=backend, config=config)
+        engine.dtype_choice = choice
+        return engine
 
     @classmethod
     def from_model(

@@ -121,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HD crop budget per image (default 9, upstream's README setting; get_score used 24; "
                    "samples with several images use 6, as upstream)")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
-    s.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU, fp32 on CPU)")
+    s.add_argument("--dtype", default="auto",
+                   help="auto / float32 / bfloat16 / float16 (default auto: bf16 on a GPU; on a CPU bf16 only where "
+                   "it has AMX-BF16 or AVX512-BF16 units and a < 1 s probe shows it faster, else fp32; a resumed job "
+                   "keeps the dtype it was started in)")
     s.add_argument("--max-batch-tokens", type=_int_at_least(1), default=16384,
                    help="token budget of one packed batch (default 16384); a longer sample runs alone")
     s.add_argument("--max-length", type=_int_at_least(1), default=None,
@@ -133,8 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=_int_at_least(1), default=64,
                    help="samples prepared and scheduled together (default 64); each record is written as soon as it "
                    "is in order, and synced to disk every window")
-    s.add_argument("--workers", type=_int_at_least(0), default=0,
-                   help="processes for CPU preprocessing: decode, resize, tokenize (default 0: in this process)")
+    s.add_argument("--workers", type=_int_at_least(0), default=None,
+                   help="processes for preprocessing (decode, resize, tokenize) that overlap the model (default 0: "
+                   "inline). Raise it on a GPU machine with spare cores (e.g. --workers 8 on a 16-core host), so "
+                   "that images are prepared while the GPU runs. On a CPU device the model's matmuls already use "
+                   "every core: raise it only on many cores with image-heavy samples whose preparation is a large "
+                   "share of the time (the summary's cpu_seconds)")
     s.add_argument("--no-prefix-cache", action="store_true", help="disable shared-prefix reuse (scores are equal)")
     s.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="score only lines with (line-1) %% N == I; output goes to <output>.shardI-of-N.jsonl "
@@ -228,10 +235,18 @@ def _check_outputs_apart(inputs: dict[str, Path], outputs: list[Path]) -> None:
                 raise ValueError(f"output {out} is the {what} {path}: choose another -o")
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _load_engine(args, cfg, job, previous, out_path: Path):
     """Load the model (a broken checkpoint is a one-line error here) and check the dtype against a resumed job."""
     from ixc_engine.api import RewardEngine
 
+    if args.dtype == "auto" and previous is not None and previous.dtype is not None:
+        args.dtype = previous.dtype  # resuming: the dtype the job was started in, not a new probe's choice
     t_load = time.perf_counter()
     engine = RewardEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=cfg)
     job.dtype = str(engine.engine.runner.dtype).removeprefix("torch.")
@@ -239,8 +254,10 @@ def _load_engine(args, cfg, job, previous, out_path: Path):
         engine.close()
         raise ValueError(f"{out_path} was scored in {previous.dtype}, this run would use {job.dtype}: pass --dtype "
                          f"{previous.dtype} to resume it, or --restart")
+    choice = getattr(engine, "dtype_choice", None)
     print(f"model loaded in {time.perf_counter() - t_load:.1f}s on {engine.engine.runner.device} "
-          f"({engine.engine.runner.dtype})", file=sys.stderr)
+          f"({engine.engine.runner.dtype}{f', auto: {choice.reason}' if choice is not None else ''})",
+          file=sys.stderr)
     return engine
 
 
@@ -274,7 +291,10 @@ def _score_locked(args, out_path: Path) -> int:
 
     job_path = job_path_for(out_path)
     _check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
+    if args.workers is None:
+        from ixc_engine.engine.cpu import default_workers
 
+        args.workers = default_workers(args.device or ("cuda" if _cuda_available() else "cpu"))
     cfg = EngineConfig(
         hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window, workers=args.workers,
         prefix_cache=not args.no_prefix_cache, max_length=args.max_length, max_media=args.max_media,

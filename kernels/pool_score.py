@@ -152,14 +152,13 @@ def pool_score_ref(hidden, norm_weight, head_weight, cu_seqlens, *, mode, eps=1e
     c = _check(hidden, norm_weight, head_weight, cu_seqlens, mode, eps, prefix_sum, prefix_count, _REF_DTYPES)
     tensors = [c.hidden, c.norm_weight, c.head_weight] + ([prefix_sum] if prefix_sum is not None else [])
     cdt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    x = c.hidden.to(cdt)
+    hidden = c.hidden[cu_seqlens[1:].long() - 1] if mode == "last" else c.hidden  # "last" reads B rows only
+    x = hidden.to(cdt)
     r = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)  # [T, 1]
     s = (x * r * c.norm_weight.to(cdt)) @ c.head_weight.to(cdt)  # [T]
-    if mode == "token":
+    if mode in ("token", "last"):
         return s
     B = cu_seqlens.numel() - 1
-    if mode == "last":
-        return s[cu_seqlens[1:].long() - 1]
     lengths = torch.diff(cu_seqlens.long())
     seq_of_token = torch.repeat_interleave(torch.arange(B, device=s.device), lengths, output_size=s.numel())
     sums = torch.zeros(B, dtype=cdt, device=s.device).index_add(0, seq_of_token, s)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ixc_engine.engine.cpu import init_worker_threads, worker_threads
 from ixc_engine.engine.host import get_host_core
 from ixc_engine.engine.runner import ModelRunner, SeqPlan
 from ixc_engine.engine.sequence import MAX_MEDIA, PreparedSample, Sample, SampleError, prepare_sample
@@ -95,11 +96,13 @@ def _prepare_worker(args):
         return as_sample_error(exc)
 
 
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the parent (which stops them), instead of each printing a traceback."""
+def _init_worker(n_threads: int) -> None:
+    """Workers leave Ctrl-C to the parent (which stops them), instead of each printing a traceback; each gets its
+    share of the cores (torch's default, all cores in every process, oversubscribes)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker_threads(n_threads)
 
 
 _WORKER_TOKENIZERS: dict[str, Tokenizer] = {}  # per worker process, read-only after first load
@@ -442,7 +445,7 @@ class ScoringEngine:
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: forking a process whose torch thread pools are running can deadlock the child
         return ProcessPoolExecutor(self.cfg.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_ignore_sigint)
+                                   initializer=_init_worker, initargs=(worker_threads(self.cfg.workers),))
 
     def _worker_result(self, fut: Future):
         """A worker's preparation of one sample. When a worker process died (killed for memory, a crash in a

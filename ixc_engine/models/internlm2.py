@@ -111,11 +111,32 @@ class PLoRALinear(nn.Module):
             return _plora_gemm(self, fused[0], x, fused[1], fused[2], image_index)
         y = F.linear(x, self.weight)
         if image_index is not None and image_index.numel():
+            ranges = _row_ranges(image_index) if x.device.type == "cpu" and not torch.is_grad_enabled() else None
+            if ranges is not None:  # image rows come in a few runs: views and in-place adds, no gather or scatter
+                for a, b in ranges:
+                    y[a:b].addmm_(self.Plora_A(x[a:b]), self.Plora_B.weight.t(), alpha=self.scale)
+                return y
             delta = self.Plora_B(self.Plora_A(x.index_select(0, image_index)))
             if self.scale != 1.0:
                 delta = delta * self.scale
             y = y.index_add(0, image_index, delta)
         return y
+
+
+def _row_ranges(index: torch.Tensor, max_runs: int = 64) -> list[tuple[int, int]] | None:
+    """Sorted unique row indices as [start, end) runs, or None when they are not sorted or form too many runs."""
+    if index.numel() == 1:
+        i = int(index)
+        return [(i, i + 1)]
+    step = torch.diff(index)
+    if bool((step <= 0).any()):
+        return None
+    breaks = (step != 1).nonzero().flatten().tolist()
+    if len(breaks) >= max_runs:
+        return None
+    starts = [0] + [b + 1 for b in breaks]
+    ends = [b + 1 for b in breaks] + [index.numel()]
+    return [(int(index[s]), int(index[e - 1]) + 1) for s, e in zip(starts, ends)]
 
 
 def rope_cos_sin(positions: torch.Tensor, bases: torch.Tensor, head_dim: int, dtype: torch.dtype):
@@ -159,10 +180,14 @@ def varlen_causal_attention_ref(q, k, v, cu_seqlens: list[int], scale: float,
             kb, vb = torch.cat([ks[a][:p], kb]), torch.cat([vs[a][:p], vb])
             n = qb.shape[0]  # new token i sees the P prefix keys and its own tokens 0..i
             mask = torch.arange(p + n, device=q.device)[None, :] <= p + torch.arange(n, device=q.device)[:, None]
-        kb = kb.transpose(0, 1).repeat_interleave(groups, dim=0)
-        vb = vb.transpose(0, 1).repeat_interleave(groups, dim=0)
+        if torch.is_grad_enabled() or groups == 1:
+            kb = kb.transpose(0, 1).repeat_interleave(groups, dim=0)
+            vb = vb.transpose(0, 1).repeat_interleave(groups, dim=0)
+            gqa = {}
+        else:  # inference: SDPA shares each K/V head with its query group, no repeated copy
+            kb, vb, gqa = kb.transpose(0, 1), vb.transpose(0, 1), {"enable_gqa": True}
         ob = F.scaled_dot_product_attention(qb.transpose(0, 1)[None], kb[None], vb[None], attn_mask=mask,
-                                            is_causal=mask is None, scale=scale)
+                                            is_causal=mask is None, scale=scale, **gqa)
         outs.append(ob[0].transpose(0, 1))
     return torch.cat(outs)
 
