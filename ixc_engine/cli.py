@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restart", action="store_true",
                    help="delete this job's earlier output (scores, errors, job files) and start over")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
+    from ixc_engine.integrations.ray import add_ray_arguments  # --ray*: the Ray Data driver's own options
+
+    add_ray_arguments(s)
 
     f = sub.add_parser(
         "filter", help="write the corpus lines whose score passes a threshold", formatter_class=fmt,
@@ -187,6 +190,10 @@ def _check_outputs_apart(inputs: dict[str, Path], outputs: list[Path]) -> None:
 
 
 def cmd_score(args) -> int:
+    from ixc_engine.integrations.ray import cmd_score_ray, ray_requested
+
+    if ray_requested(args):  # the same job on a Ray cluster (ixc_engine/integrations/ray.py)
+        return cmd_score_ray(args)
     from ixc_engine.api import RewardEngine
     from ixc_engine.corpus import LineError, ResultWriter, count_lines, job_path_for, read_corpus
     from ixc_engine.engine.engine import EngineConfig
