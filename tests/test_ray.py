@@ -137,3 +137,6 @@ def test_ray_options_need_ray(job, tmp_path, capsys):
     assert main(["score", str(corpus), "--model", str(model), "-o", str(tmp_path / "s.jsonl"), "--ray-actors",
                  "2"]) == 2
     assert "--ray-actors needs --ray" in capsys.readouterr().err
+    assert main(["score", str(corpus), "--model", str(model), "-o", str(tmp_path / "s.jsonl"), "--ray", "--workers",
+                 "2"]) == 2
+    assert "use --ray-prep-cpus" in capsys.readouterr().err

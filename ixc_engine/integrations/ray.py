@@ -365,10 +365,18 @@ def _ray_settings(args, ray) -> dict:
     dtype = args.dtype or ("bfloat16" if gpus > 0 else "float32")
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPE_NAMES)}")
-    return {"gpus_per_actor": gpus, "device": device, "dtype": _DTYPE_NAMES[dtype],
-            "actors": args.ray_actors or 1, "cpus_per_actor": 1.0 if args.ray_cpus_per_actor is None
-            else args.ray_cpus_per_actor, "prep_actors": args.ray_prep_cpus or 1,
-            "batch_size": args.ray_batch_size or args.window}
+    settings = {"gpus_per_actor": gpus, "device": device, "dtype": _DTYPE_NAMES[dtype],
+                "actors": args.ray_actors or 1, "cpus_per_actor": 1.0 if args.ray_cpus_per_actor is None
+                else args.ray_cpus_per_actor, "prep_actors": args.ray_prep_cpus or 1,
+                "batch_size": args.ray_batch_size or args.window}
+    have = ray.cluster_resources()
+    need = {"CPU": settings["prep_actors"] + settings["actors"] * settings["cpus_per_actor"],
+            "GPU": settings["actors"] * gpus}
+    short = [f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
+    if short:  # an autoscaling cluster may still grow; a fixed one would wait for ever
+        print(f"warning: the actors need {' and '.join(short)}; the job waits until the cluster has them "
+              "(fewer --ray-actors / --ray-prep-cpus, or smaller --ray-cpus-per-actor)", file=sys.stderr)
+    return settings
 
 
 def cmd_score_ray(args, reader=None) -> int:
@@ -397,6 +405,9 @@ def cmd_score_ray(args, reader=None) -> int:
         import ray.data
     except ImportError as exc:
         raise RuntimeError(f"--ray needs Ray Data ({exc}): pip install 'ixc-engine[ray]'") from None
+    if args.workers:
+        raise ValueError("--workers is the local job's preparation; with --ray, preparation runs in Ray actors: "
+                         "use --ray-prep-cpus")
     if not args.corpus.is_file():
         print(f"error: corpus {args.corpus} not found", file=sys.stderr)
         return 2
@@ -455,8 +466,6 @@ def cmd_score_ray(args, reader=None) -> int:
 
 
 def _run(args, ray, rows, writer, job, job_path, previous, done, mine, out_path) -> int:
-    from ixc_engine.corpus import count_lines
-
     settings = _ray_settings(args, ray)
     job.dtype = settings["dtype"]
     if previous is not None and previous.dtype not in (None, job.dtype):
@@ -464,9 +473,19 @@ def _run(args, ray, rows, writer, job, job_path, previous, done, mine, out_path)
                          f"{previous.dtype} to resume it, or --restart")
     job.save(job_path)
     ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
     ctx.execution_options.preserve_order = True  # batches of consecutive records; results come back in order
-    ctx.enable_progress_bars = False  # ours below counts what is written
+    ctx.enable_progress_bars = False  # ours counts what is written
     ctx.print_on_execution_start = False
+    try:
+        return _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, settings)
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+
+
+def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, settings) -> int:
+    from ixc_engine.corpus import count_lines
+
     bs = settings["batch_size"]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // bs, 1000)))
     ds = build_pipeline(
