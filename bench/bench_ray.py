@@ -6,7 +6,8 @@ k * lines / (T(2k) - T(k)), and Ray's per-sample overhead is the difference of t
 one Ray instance started here (its start-up is not counted). On a 2-core machine the point is the overhead, not a
 speed-up: the two actors share the cores that one local job uses.
 
-    python bench/bench_ray.py [--corpus examples/corpus.jsonl --model examples/demo-model --copies 1]
+    python bench/bench_ray.py [--corpus examples/corpus.jsonl --model examples/demo-model --copies 1] [--threads 1]
+    python bench/bench_ray.py --prep-costs      # what one sample costs the preparation stage, and its row encoding
 """
 
 from __future__ import annotations
@@ -87,13 +88,14 @@ class CpuMeter:
         self._stop.set()
 
 
-def run(corpus: Path, model: str, out: Path, extra: list[str], meter: CpuMeter) -> tuple[float, float, dict]:
+def run(corpus: Path, model: str, out: Path, extra: list[str], meter: CpuMeter, env: dict) -> tuple[float, float,
+                                                                                                 dict]:
     cmd = [sys.executable, "-m", "ixc_engine.cli", "score", str(corpus), "--model", model, "-o", str(out),
            "--no-progress", *extra]
     meter.sample()
     cpu0 = meter.total()
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
     _, err = p.communicate()
     wall = time.perf_counter() - t0
     time.sleep(0.3)  # let the sampler see the actors' last ticks before they are reaped
@@ -108,13 +110,79 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def prep_costs(threads: int) -> None:
+    """Per-sample cost of the preparation stage (template, tokens, decode, HD crops at hd_num 9) and of the Ray row
+    encoding (`encode_prepared`) and decoding on the scorer (`decode_prepared`), in this process."""
+    import numpy as np
+    import torch
+
+    from ixc_engine.engine.sequence import Sample, prepare_sample
+    from ixc_engine.integrations.ray import decode_prepared, encode_prepared
+    from ixc_engine.tiny import PACKAGED_TOKENIZER
+    from ixc_engine.tokenizer import Tokenizer
+
+    torch.set_num_threads(threads)
+    tok = Tokenizer.from_file(PACKAGED_TOKENIZER)
+    msg = [{"role": "user", "content": "<ImageHere>Describe the picture."},
+           {"role": "assistant", "content": "Two cars."}]
+    with tempfile.TemporaryDirectory() as tmp:
+        import av
+
+        video = Path(tmp) / "clip.mp4"
+        with av.open(str(video), "w") as c:
+            st = c.add_stream("mpeg4", rate=4)
+            st.width, st.height, st.pix_fmt = 640, 480, "yuv420p"
+            for i in range(16):
+                frame = np.full((480, 640, 3), 15 * i, dtype=np.uint8)
+                for pkt in st.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    c.mux(pkt)
+            for pkt in st.encode():
+                c.mux(pkt)
+        cases = {"text only": Sample([{"role": "user", "content": "What is 2+2?"},
+                                      {"role": "assistant", "content": "4"}], []),
+                 "examples/images/img-000.png": Sample(msg, [str(REPO / "examples/images/img-000.png")])}
+        for name in ("cars1.jpg", "dubai.png"):
+            if (REPO.parent / "shared" / "media" / name).exists():
+                cases[f"../shared/media/{name}"] = Sample(msg, [str(REPO.parent / "shared" / "media" / name)])
+        cases["16-frame 640x480 mp4"] = Sample(msg, [str(video)])
+        print("| sample | tokens | crops | crop MB | prepare wall ms | prepare CPU ms | encode ms | decode ms |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name, sample in cases.items():
+            prepare_sample(tok, sample, hd_num=9, max_length=16384)
+            n = 5
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                prep = prepare_sample(tok, sample, hd_num=9, max_length=16384)
+            wall, cpu = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+            t0 = time.perf_counter()
+            for _ in range(n):
+                enc = encode_prepared(prep)
+            t_enc = (time.perf_counter() - t0) / n
+            t0 = time.perf_counter()
+            for _ in range(n):
+                decode_prepared(json.loads(enc[0]), enc[1], enc[2])
+            t_dec = (time.perf_counter() - t0) / n
+            crops = sum(m.pixel_values.shape[0] for m in prep.media)
+            print(f"| {name} | {prep.n_tokens} | {crops} | {len(enc[2]) / 2**20:.1f} | {wall * 1e3:.1f} | "
+                  f"{cpu * 1e3:.1f} | {t_enc * 1e3:.1f} | {t_dec * 1e3:.1f} |")
+    print(f"torch threads: {threads}; load average: {load()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", type=Path, default=REPO / "examples" / "corpus.jsonl")
     ap.add_argument("--model", default=str(REPO / "examples" / "demo-model"))
     ap.add_argument("--copies", type=int, default=1, help="k: the corpus is scored k and 2k times over")
     ap.add_argument("--batch-size", type=int, default=16, help="--ray-batch-size")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every scorer: the local job (OMP_NUM_THREADS) and each scoring actor "
+                    "(--ray-cpus-per-actor); default: the local job's own default and the machine's cores split "
+                    "between the actors. Ray's one-CPU preparation actors always run one thread")
+    ap.add_argument("--prep-costs", action="store_true", help="only the per-sample costs of the preparation stage")
     args = ap.parse_args()
+    if args.prep_costs:
+        prep_costs(args.threads or 1)
+        return
 
     import ray
 
@@ -122,13 +190,14 @@ def main() -> None:
     ray_common = ["--ray", "--ray-batch-size", str(args.batch_size), "--ray-prep-cpus", "1"]
     configs = {
         "local": [],
-        "ray, 1 scoring actor": ray_common + ["--ray-actors", "1", "--ray-cpus-per-actor", str(cpus)],
-        "ray, 2 scoring actors": ray_common + ["--ray-actors", "2", "--ray-cpus-per-actor", str(max(1, cpus // 2))],
+        "ray, 1 scoring actor": ray_common + ["--ray-actors", "1", "--ray-cpus-per-actor", str(args.threads or cpus)],
+        "ray, 2 scoring actors": ray_common + ["--ray-actors", "2", "--ray-cpus-per-actor",
+                                               str(args.threads or max(1, cpus // 2))],
     }
     meter = CpuMeter()
     threading.Thread(target=meter.run, daemon=True).start()
     rows = []
-    print(f"load average at start: {load()}", file=sys.stderr)
+    print(f"load average at start: {load()}; threads: {args.threads or 'default'}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sizes = {k: replicate(args.corpus, k, tmp / f"corpus{k}.jsonl") for k in (args.copies, 2 * args.copies)}
@@ -137,12 +206,14 @@ def main() -> None:
                 # After the local runs, so that they do not pay for Ray's idle processes. Logical CPUs: one
                 # preparation actor plus two one-CPU scorers, or one scorer with as many torch threads as the local
                 # job uses.
-                ray.init(num_cpus=cpus + 1, include_dashboard=False, log_to_driver=False)
+                ray.init(num_cpus=max(cpus, 2 * (args.threads or 1)) + 1, include_dashboard=False,
+                         log_to_driver=False)
             if extra:
                 extra = [*extra, "--ray-address", ray.get_runtime_context().gcs_address]
             t = {}
             for k, n in sizes.items():
-                t[k] = run(tmp / f"corpus{k}.jsonl", args.model, tmp / f"config{c}-{k}.jsonl", extra, meter)
+                env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads and not extra else {}
+                t[k] = run(tmp / f"corpus{k}.jsonl", args.model, tmp / f"config{c}-{k}.jsonl", extra, meter, env)
                 s = t[k][2]
                 print(f"{name}: {n} samples ({s['scored']} scored, {s['errors']} errors), {t[k][0]:.1f} s wall, "
                       f"{t[k][1]:.1f} CPU s, load {load()}", file=sys.stderr)

@@ -8,9 +8,10 @@ The stages compose into any Ray Data pipeline::
 
     ds = ray.data.from_items(list(sample_rows(read_corpus("corpus.jsonl"))))
     ds = ds.map_batches(Prepare, fn_constructor_kwargs={"model": M}, batch_size=64, batch_format="pyarrow",
-                        concurrency=4)
+                        num_cpus=1, concurrency=4)
     ds = ds.map_batches(Score, fn_constructor_kwargs={"model": M}, batch_size=64, batch_format="pyarrow",
                         num_gpus=1, concurrency=2)
+    # (Ray >= 2.51 prefers compute=ray.data.ActorPoolStrategy(size=N) to concurrency=N; build_pipeline uses it.)
     for batch in ds.iter_batches(batch_size=None): ...   # columns index, id (JSON), ok, score, n_tokens, error
 
 Rows between the stages (all Arrow columns, nothing pickled):
