@@ -79,7 +79,7 @@ def test_ray_job_equals_local_job(cluster, job, tmp_path, capsys):
     assert summary(capsys.readouterr().err)["skipped_already_done"] == N_LINES
 
 
-def _wait_for(cond, proc, timeout=240.0):
+def _wait_for(cond, proc, timeout=240.0, poll=0.02):
     t0 = time.monotonic()
     while not cond():
         if proc.poll() is not None:
@@ -87,7 +87,7 @@ def _wait_for(cond, proc, timeout=240.0):
         if time.monotonic() - t0 > timeout:
             proc.kill()
             raise AssertionError("timed out")
-        time.sleep(0.02)
+        time.sleep(poll)
 
 
 def test_killed_scoring_actor_is_restarted_and_nothing_doubles(cluster, job, tmp_path):
@@ -96,9 +96,11 @@ def test_killed_scoring_actor_is_restarted_and_nothing_doubles(cluster, job, tmp
     before = set(pids_of(b"MapBatches(Score)"))
     proc = cli_process("score", corpus, "--model", model, "-o", out, "--ray", "--ray-address", cluster,
                        "--ray-batch-size", "2", "--no-progress")
-    # Kill the scoring actor once it has delivered its first batch (so it dies in the middle of the job).
-    _wait_for(lambda: lines_written(out) >= 1 and set(pids_of(b"MapBatches(Score)")) - before, proc)
-    victim = min(set(pids_of(b"MapBatches(Score)")) - before)
+    # Kill the scoring actor once it has delivered a batch and while it scores the next one (Ray titles its process
+    # ray::MapWorker(MapBatches(Score)).submit during a batch).
+    busy = b"MapBatches(Score)).submit"
+    _wait_for(lambda: lines_written(out) >= 1 and set(pids_of(busy)) - before, proc, poll=0.002)
+    victim = min(set(pids_of(busy)) - before)
     at_kill = lines_written(out)
     os.kill(victim, signal.SIGKILL)
     restarted = set()
