@@ -74,6 +74,10 @@ def test_ray_job_equals_local_job(cluster, job, tmp_path, capsys):
     assert_same_results(out, local)
     s = summary(capsys.readouterr().err)
     assert (s["scored"], s["errors"], s["duplicates_dropped"]) == (16, 6, 0)
+    # Neighbours share prefixes inside the scoring actor (the system prompt at least); every scored token is either
+    # computed or reused.
+    assert s["prefix_tokens_reused"] > 0
+    assert s["tokens_computed"] + s["prefix_tokens_reused"] == sum(r["n_tokens"] for r in local[0])
     # The finished job is not redone, by --ray or locally: the job file is the same.
     assert main(["score", str(corpus), "--model", str(model), "-o", str(out), "--no-progress"]) == 0
     assert summary(capsys.readouterr().err)["skipped_already_done"] == N_LINES

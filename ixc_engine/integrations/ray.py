@@ -23,7 +23,8 @@ Rows between the stages (all Arrow columns, nothing pickled):
   media, [sum(1 + h*w), 3, 560, 560], raw bytes), both Arrow large_binary buffers that the scorer views with
   np.frombuffer.
 - scored (`Score`): `index`, `id` (JSON text, so that ints stay ints), `ok`, `score`, `n_tokens` (-1 for errors),
-  `error` ("" when scored).
+  `error` ("" when scored), and the batch's `tokens_computed` / `prefix_tokens_reused` (the engine's counters, on
+  the batch's first row, 0 on the others: their sums over a job are the job's).
 
 Nothing here imports Ray at module import time; the engine never imports this module.
 """
@@ -42,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-RESULT_COLUMNS = ("index", "id", "ok", "score", "n_tokens", "error")
+RESULT_COLUMNS = ("index", "id", "ok", "score", "n_tokens", "error", "tokens_computed", "prefix_tokens_reused")
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}
 
@@ -96,7 +97,7 @@ def _result_types():
     import pyarrow as pa
 
     return {"index": pa.int64(), "id": pa.string(), "ok": pa.bool_(), "score": pa.float64(), "n_tokens": pa.int64(),
-            "error": pa.string()}
+            "error": pa.string(), "tokens_computed": pa.int64(), "prefix_tokens_reused": pa.int64()}
 
 
 def encode_prepared(p) -> tuple[str, bytes, bytes]:
@@ -243,11 +244,15 @@ class Score:
             out["score"].append(math.nan)
             out["n_tokens"].append(-1)
             out["error"].append(meta.get("error", ""))
+            out["tokens_computed"].append(0)
+            out["prefix_tokens_reused"].append(0)
             if "error" not in meta:
                 try:
                     todo.append((row, decode_prepared(meta, tokens, pixels)))
                 except Exception as exc:  # noqa: BLE001
                     out["error"][row] = f"prepared sample unreadable ({type(exc).__name__}: {exc})"
+        stats = self.engine.engine.stats
+        computed, reused = stats.tokens_computed, stats.prefix_tokens_reused
         if todo:
             preps = [p for _, p in todo]
             try:
@@ -264,6 +269,9 @@ class Score:
                     out["error"][row] = str(r)
                 else:
                     out["ok"][row], out["score"][row], out["n_tokens"][row] = True, float(r), p.n_tokens
+        if out["index"]:
+            out["tokens_computed"][0] = stats.tokens_computed - computed
+            out["prefix_tokens_reused"][0] = stats.prefix_tokens_reused - reused
         return _table(out, _result_types())
 
 
@@ -500,7 +508,7 @@ def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, setti
     order = [r["index"] for r in rows]
     expected, written = set(order), set()
     pending: dict[int, tuple] = {}
-    pos = n_ok = n_err = tokens = duplicates = 0
+    pos = n_ok = n_err = tokens = duplicates = computed = reused = 0
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -510,7 +518,9 @@ def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, setti
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             cols = {k: batch.column(k).to_pylist() for k in RESULT_COLUMNS}
-            for index, sid, ok, score, n_tok, err in zip(*(cols[k] for k in RESULT_COLUMNS)):
+            computed += sum(cols["tokens_computed"])
+            reused += sum(cols["prefix_tokens_reused"])
+            for index, sid, ok, score, n_tok, err, _, _ in zip(*(cols[k] for k in RESULT_COLUMNS)):
                 # Exactly once whatever the transport does: a line already written or waiting is dropped.
                 if index in pending or index in written:
                     duplicates += 1
@@ -555,7 +565,8 @@ def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, setti
     print(json.dumps({
         "scored": n_ok, "errors": n_err, "skipped_already_done": len(done), "seconds": round(el, 3),
         "samples_per_s": round((n_ok + n_err) / el, 3) if el else None,
-        "tokens_per_s": round(tokens / el, 1) if el else None, "duplicates_dropped": duplicates,
+        "tokens_per_s": round(tokens / el, 1) if el else None, "tokens_computed": computed,
+        "prefix_tokens_reused": reused, "duplicates_dropped": duplicates,
         "ray": {k: settings[k] for k in ("actors", "gpus_per_actor", "cpus_per_actor", "prep_actors", "batch_size")},
         "scores": str(out_path), "errors_file": str(writer.errors_path),
     }), file=sys.stderr)
