@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--escape-special-tokens", action="store_true",
                    help="read special-token strings in message content (</s>, [UNUSED_TOKEN_145], ...) as plain text; "
                    "by default they become control tokens, as upstream reads them")
+    from ixc_engine.integrations.ray import add_ray_arguments  # --ray*: the Ray Data driver's own options
+
+    add_ray_arguments(s)
 
     f = sub.add_parser(
         "filter", help="write the corpus lines whose score passes a threshold", formatter_class=fmt,
@@ -279,6 +282,10 @@ def cmd_score(args) -> int:
     # fails at once); held until the job ends.
     lock = JobLock(out_path)
     try:
+        from ixc_engine.integrations.ray import cmd_score_ray, ray_requested
+
+        if ray_requested(args):  # the same job on a Ray cluster (ixc_engine/integrations/ray.py)
+            return cmd_score_ray(args)
         return _score_locked(args, out_path)
     finally:
         lock.release()

@@ -1,0 +1,573 @@
+"""Corpus scoring on Ray Data: a CPU preparation stage, a scoring stage (one engine per actor), and the driver of
+`ixc-engine score --ray`.
+
+The stages compose into any Ray Data pipeline::
+
+    from ixc_engine.corpus import read_corpus
+    from ixc_engine.integrations.ray import Prepare, Score, sample_rows
+
+    ds = ray.data.from_items(list(sample_rows(read_corpus("corpus.jsonl"))))
+    ds = ds.map_batches(Prepare, fn_constructor_kwargs={"model": M}, batch_size=64, batch_format="pyarrow",
+                        num_cpus=1, concurrency=4)
+    ds = ds.map_batches(Score, fn_constructor_kwargs={"model": M}, batch_size=64, batch_format="pyarrow",
+                        num_gpus=1, concurrency=2)
+    # (Ray >= 2.51 prefers compute=ray.data.ActorPoolStrategy(size=N) to concurrency=N; build_pipeline uses it.)
+    for batch in ds.iter_batches(batch_size=None): ...   # columns index, id (JSON), ok, score, n_tokens, error
+
+Rows between the stages (all Arrow columns, nothing pickled):
+- input (`sample_rows`): `index` int64 (the record's line number), `sample` JSON text: {"messages", "media", "id"}
+  for a sample, {"error", "id"} for a record the reader could not parse. Any reader yielding
+  (index, Sample | SampleError) pairs plugs in.
+- prepared (`Prepare`): `index`, `meta` JSON text (id, piece lengths, media grid/kind/digest, n_tokens, or the
+  error), `tokens` (int32 token ids of all text pieces, raw little-endian bytes) and `pixels` (float32 crops of all
+  media, [sum(1 + h*w), 3, 560, 560], raw bytes), both Arrow large_binary buffers that the scorer views with
+  np.frombuffer.
+- scored (`Score`): `index`, `id` (JSON text, so that ints stay ints), `ok`, `score`, `n_tokens` (-1 for errors),
+  `error` ("" when scored), and the batch's `tokens_computed` / `prefix_tokens_reused` (the engine's counters, on
+  the batch's first row, 0 on the others: their sums over a job are the job's).
+
+Nothing here imports Ray at module import time; the engine never imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULT_COLUMNS = ("index", "id", "ok", "score", "n_tokens", "error", "tokens_computed", "prefix_tokens_reused")
+_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16"}
+
+
+# --- rows -------------------------------------------------------------------------------------------------------------
+def sample_rows(items: Iterable[tuple[int, Any]]) -> Iterator[dict]:
+    """Input rows of `Prepare` from (index, Sample | SampleError) pairs, as `read_corpus` yields them."""
+    from ixc_engine.engine.sequence import Sample, SampleError
+
+    for index, item in items:
+        if isinstance(item, Sample):
+            for m in item.media:
+                if not isinstance(m, (str, os.PathLike)):
+                    raise TypeError(f"record {index}: media must be file paths to cross the cluster, got "
+                                    f"{type(m).__name__}")
+            obj = {"messages": item.messages, "media": [str(m) for m in item.media], "id": item.id}
+        elif isinstance(item, SampleError):
+            obj = {"error": str(item), "id": getattr(item, "sample_id", None)}
+        else:
+            raise TypeError(f"record {index}: expected a Sample or SampleError, got {type(item).__name__}")
+        yield {"index": int(index), "sample": json.dumps(obj)}
+
+
+def _column(batch, name: str) -> list:
+    """One column of a batch as a Python list, whatever Ray's batch format (pyarrow Table or dict of numpy)."""
+    if hasattr(batch, "column_names"):
+        return batch.column(name).to_pylist()
+    return list(batch[name])
+
+
+def _buffers(batch, name: str) -> list:
+    """A binary column's values as buffers (zero-copy views for a pyarrow Table)."""
+    if hasattr(batch, "column_names"):
+        return [v.as_buffer() if v.is_valid else b"" for v in batch.column(name)]
+    return list(batch[name])
+
+
+def _table(columns: dict[str, list], types: dict):
+    import pyarrow as pa
+
+    return pa.table({k: pa.array(v, type=types[k]) for k, v in columns.items()})
+
+
+def _prepared_types():
+    import pyarrow as pa
+
+    return {"index": pa.int64(), "meta": pa.string(), "tokens": pa.large_binary(), "pixels": pa.large_binary()}
+
+
+def _result_types():
+    import pyarrow as pa
+
+    return {"index": pa.int64(), "id": pa.string(), "ok": pa.bool_(), "score": pa.float64(), "n_tokens": pa.int64(),
+            "error": pa.string(), "tokens_computed": pa.int64(), "prefix_tokens_reused": pa.int64()}
+
+
+def encode_prepared(p) -> tuple[str, bytes, bytes]:
+    """A PreparedSample as (meta JSON, token bytes, pixel bytes)."""
+    lens, tokens = [], []
+    for piece in p.pieces:
+        if isinstance(piece, list):
+            lens.append(len(piece))
+            tokens.extend(piece)
+        else:
+            lens.append(-1 - piece)  # a media slot
+    media = [[m.h, m.w, m.kind, d] for m, d in zip(p.media, p.media_digests)]
+    meta = json.dumps({"id": p.id, "pieces": lens, "media": media, "n_tokens": p.n_tokens})
+    pixels = b"".join(np.ascontiguousarray(m.pixel_values.numpy(), dtype=np.float32).tobytes() for m in p.media)
+    return meta, np.asarray(tokens, dtype="<i4").tobytes(), pixels
+
+
+def decode_prepared(meta: dict, tokens, pixels):
+    """The PreparedSample `encode_prepared` wrote (pixels copied once into torch tensors)."""
+    import torch
+
+    from ixc_engine.engine.sequence import PreparedSample
+    from ixc_engine.media.image import CROP, MediaCrops
+
+    ids = np.frombuffer(tokens, dtype="<i4")
+    pieces, pos = [], 0
+    for n in meta["pieces"]:
+        if n >= 0:
+            pieces.append(ids[pos:pos + n].tolist())
+            pos += n
+        else:
+            pieces.append(-1 - n)
+    flat = np.frombuffer(pixels, dtype="<f4")
+    crop = 3 * CROP * CROP
+    media, digests, off = [], [], 0
+    for h, w, kind, digest in meta["media"]:
+        n = (1 + h * w) * crop
+        arr = flat[off:off + n].reshape(1 + h * w, 3, CROP, CROP)
+        media.append(MediaCrops(torch.from_numpy(arr.copy()), h, w, kind))
+        digests.append(digest)
+        off += n
+    if pos != len(ids) or off != len(flat):
+        raise ValueError("prepared row does not match its description (corrupt object?)")
+    return PreparedSample(meta["id"], pieces, media, digests, meta["n_tokens"])
+
+
+def _checkpoint_files(model: str) -> tuple[Path, int]:
+    """(tokenizer.model path, the model's max_length) of a checkpoint, without loading its weights."""
+    from ixc_engine.checkpoint import resolve_checkpoint
+    from ixc_engine.config import ModelConfig
+
+    ckpt = resolve_checkpoint(model)
+    tok = ckpt / "tokenizer.model"
+    if not tok.is_file():
+        from ixc_engine.tiny import PACKAGED_TOKENIZER
+
+        tok = PACKAGED_TOKENIZER
+    return tok, ModelConfig.from_file(ckpt / "config.json").max_length
+
+
+# --- stages -----------------------------------------------------------------------------------------------------------
+class Prepare:
+    """CPU stage: validate, template + tokenize, decode and crop media. Use as a callable class in map_batches.
+
+    Identical media within a batch are loaded once. A sample that cannot be prepared becomes an error row (never an
+    exception: one bad sample must not fail the job).
+    """
+
+    def __init__(self, model: str | None = None, *, tokenizer_path: str | None = None, hd_num: int = 9,
+                 max_length: int | None = None) -> None:
+        from ixc_engine.tokenizer import Tokenizer
+
+        if model is not None:
+            tok, model_max = _checkpoint_files(model)
+        elif tokenizer_path is not None and max_length is not None:
+            tok, model_max = tokenizer_path, max_length
+        else:
+            raise ValueError("Prepare needs model=, or tokenizer_path= and max_length=")
+        if not isinstance(hd_num, int) or hd_num < 1:
+            raise ValueError(f"hd_num must be an integer >= 1, got {hd_num!r}")
+        self.tokenizer = Tokenizer.from_file(tokenizer_path or tok)
+        self.hd_num = hd_num
+        self.max_length = max_length or model_max
+
+    def __call__(self, batch):
+        from ixc_engine.engine.sequence import Sample, SampleError, prepare_sample
+
+        out = {"index": [], "meta": [], "tokens": [], "pixels": []}
+        media_cache: dict = {}
+        for index, text in zip(_column(batch, "index"), _column(batch, "sample")):
+            obj = json.loads(text)
+            meta, tokens, pixels = None, b"", b""
+            if "error" in obj:
+                meta = json.dumps({"id": obj.get("id"), "error": obj["error"]})
+            else:
+                try:
+                    p = prepare_sample(self.tokenizer, Sample(obj["messages"], obj["media"], id=obj["id"]),
+                                       hd_num=self.hd_num, max_length=self.max_length, media_cache=media_cache)
+                    meta, tokens, pixels = encode_prepared(p)
+                except SampleError as exc:
+                    meta = json.dumps({"id": obj["id"], "error": str(exc)})
+                except Exception as exc:  # noqa: BLE001 (an unforeseen failure of one sample is that sample's error)
+                    meta = json.dumps({"id": obj["id"], "error": f"preparation failed ({type(exc).__name__}: {exc})"})
+            out["index"].append(int(index))
+            out["meta"].append(meta)
+            out["tokens"].append(tokens)
+            out["pixels"].append(pixels)
+        return _table(out, _prepared_types())
+
+
+class Score:
+    """Scoring stage: one engine (model on its device) per actor; consecutive samples of a batch share prefixes, and
+    the actor's KV cache keeps them for later batches.
+
+    A batch whose scoring raises is re-scored sample by sample, so one sample that cannot be scored becomes an error
+    row; a dead actor is Ray's to restart (max_restarts / max_task_retries), and its batch is redone.
+    """
+
+    def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
+                 max_batch_tokens: int = 16384, max_length: int | None = None, prefix_cache: bool = True,
+                 pooling: str | None = None, threads: int | None = None) -> None:
+        import torch
+
+        from ixc_engine.api import RewardEngine
+        from ixc_engine.engine.engine import EngineConfig
+
+        if threads:
+            torch.set_num_threads(threads)
+        cfg = EngineConfig(max_batch_tokens=max_batch_tokens, prefix_cache=prefix_cache, max_length=max_length)
+        self.engine = RewardEngine.from_pretrained(model, device=device, dtype=dtype, pooling=pooling, config=cfg)
+
+    def __call__(self, batch):
+        from ixc_engine.engine.sequence import SampleError
+
+        out = {k: [] for k in RESULT_COLUMNS}
+        todo = []  # (row, prepared sample)
+        for index, meta_text, tokens, pixels in zip(_column(batch, "index"), _column(batch, "meta"),
+                                                    _buffers(batch, "tokens"), _buffers(batch, "pixels")):
+            meta = json.loads(meta_text)
+            row = len(out["index"])
+            out["index"].append(int(index))
+            out["id"].append(json.dumps(meta.get("id")))
+            out["ok"].append(False)
+            out["score"].append(math.nan)
+            out["n_tokens"].append(-1)
+            out["error"].append(meta.get("error", ""))
+            out["tokens_computed"].append(0)
+            out["prefix_tokens_reused"].append(0)
+            if "error" not in meta:
+                try:
+                    todo.append((row, decode_prepared(meta, tokens, pixels)))
+                except Exception as exc:  # noqa: BLE001
+                    out["error"][row] = f"prepared sample unreadable ({type(exc).__name__}: {exc})"
+        stats = self.engine.engine.stats
+        computed, reused = stats.tokens_computed, stats.prefix_tokens_reused
+        if todo:
+            preps = [p for _, p in todo]
+            try:
+                results = self.engine.engine.score_prepared(preps)
+            except Exception:  # noqa: BLE001 (find the sample at fault: each alone)
+                results = []
+                for p in preps:
+                    try:
+                        results.append(self.engine.engine.score_prepared([p])[0])
+                    except Exception as exc:  # noqa: BLE001
+                        results.append(SampleError(f"scoring failed ({type(exc).__name__}: {exc})"))
+            for (row, p), r in zip(todo, results):
+                if isinstance(r, SampleError):
+                    out["error"][row] = str(r)
+                else:
+                    out["ok"][row], out["score"][row], out["n_tokens"][row] = True, float(r), p.n_tokens
+        if out["index"]:
+            out["tokens_computed"][0] = stats.tokens_computed - computed
+            out["prefix_tokens_reused"][0] = stats.prefix_tokens_reused - reused
+        return _table(out, _result_types())
+
+
+def _actor_pool(ray_data, size: int):
+    return ray_data.ActorPoolStrategy(size=size)
+
+
+def build_pipeline(ds, model: str, *, hd_num: int = 9, max_length: int | None = None, batch_size: int = 64,
+                   actors: int = 1, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, prep_actors: int = 1,
+                   device: str | None = None, dtype: str | None = None, max_batch_tokens: int = 16384,
+                   prefix_cache: bool = True, **remote_args):
+    """ds (rows of `sample_rows`) -> scored rows: Prepare on `prep_actors` one-CPU actors, Score on `actors` actors
+    with `gpus_per_actor` GPUs (CPU scoring when 0) each.
+
+    A dead actor is restarted and its batch redone: Ray Data gives its actors max_restarts=-1 and max_task_retries=-1
+    unless told otherwise (`remote_args`, passed to both stages, e.g. max_restarts=3)."""
+    import ray.data
+
+    fault = dict(remote_args)
+    threads = max(1, int(cpus_per_actor)) if gpus_per_actor == 0 else None
+    ds = ds.map_batches(
+        Prepare, fn_constructor_kwargs={"model": model, "hd_num": hd_num, "max_length": max_length},
+        batch_size=batch_size, batch_format="pyarrow", compute=_actor_pool(ray.data, prep_actors), num_cpus=1,
+        **fault,
+    )
+    return ds.map_batches(
+        Score, fn_constructor_kwargs={"model": model, "device": device, "dtype": dtype, "max_length": max_length,
+                                      "max_batch_tokens": max_batch_tokens, "prefix_cache": prefix_cache,
+                                      "threads": threads},
+        batch_size=batch_size, batch_format="pyarrow", compute=_actor_pool(ray.data, actors),
+        num_gpus=gpus_per_actor, num_cpus=cpus_per_actor, **fault,
+    )
+
+
+# --- command line -----------------------------------------------------------------------------------------------------
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+RAY_OPTIONS = ("ray_address", "ray_actors", "ray_gpus_per_actor", "ray_cpus_per_actor", "ray_prep_cpus",
+               "ray_batch_size")
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --ray* options of `ixc-engine score`."""
+    g = parser.add_argument_group("Ray cluster (pip install 'ixc-engine[ray]')")
+    g.add_argument("--ray", action="store_true",
+                   help="score on a Ray cluster: preparation and scoring as Ray Data stages; the same outputs, "
+                   "order, resume and job checks as a local job (one writer, on this driver)")
+    g.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="cluster to join (auto: the one `ray start` made on this node; default: start a Ray "
+                   "instance on this machine)")
+    g.add_argument("--ray-actors", type=_count, default=None, metavar="N", help="scoring actors (default 1)")
+    g.add_argument("--ray-gpus-per-actor", type=_positive_float, default=None, metavar="G",
+                   help="GPUs per scoring actor (default 1 when the cluster has GPUs, else 0: CPU scoring)")
+    g.add_argument("--ray-cpus-per-actor", type=_positive_float, default=None, metavar="C",
+                   help="CPUs reserved per scoring actor (default 1; a CPU scorer uses that many torch threads)")
+    g.add_argument("--ray-prep-cpus", type=_count, default=None, metavar="N",
+                   help="preparation actors, one CPU each: tokenize, decode, HD crops (default 1)")
+    g.add_argument("--ray-batch-size", type=_count, default=None, metavar="B",
+                   help="samples per stage batch (default: --window); consecutive samples of a batch share "
+                   "prefixes")
+
+
+def ray_requested(args) -> bool:
+    """Whether `score` runs on Ray; --ray-* options without --ray are refused rather than ignored."""
+    if getattr(args, "ray", False):
+        return True
+    given = [name for name in RAY_OPTIONS if getattr(args, name, None) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} needs --ray")
+    return False
+
+
+def _ray_settings(args, ray) -> dict:
+    gpus = args.ray_gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if args.device is not None and gpus > 0 and not args.device.startswith("cuda"):
+        raise ValueError(f"--device {args.device} with --ray-gpus-per-actor {gpus}: a GPU actor scores on cuda")
+    if args.device is not None and gpus == 0 and args.device != "cpu":
+        raise ValueError(f"--device {args.device} needs GPUs per actor: pass --ray-gpus-per-actor 1")
+    device = "cuda" if gpus > 0 else "cpu"
+    dtype = args.dtype or ("bfloat16" if gpus > 0 else "float32")
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPE_NAMES)}")
+    settings = {"gpus_per_actor": gpus, "device": device, "dtype": _DTYPE_NAMES[dtype],
+                "actors": args.ray_actors or 1, "cpus_per_actor": 1.0 if args.ray_cpus_per_actor is None
+                else args.ray_cpus_per_actor, "prep_actors": args.ray_prep_cpus or 1,
+                "batch_size": args.ray_batch_size or args.window}
+    have = ray.cluster_resources()
+    need = {"CPU": settings["prep_actors"] + settings["actors"] * settings["cpus_per_actor"],
+            "GPU": settings["actors"] * gpus}
+    short = [f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
+    if short:  # an autoscaling cluster may still grow; a fixed one would wait for ever
+        print(f"warning: the actors need {' and '.join(short)}; the job waits until the cluster has them "
+              "(fewer --ray-actors / --ray-prep-cpus, or smaller --ray-cpus-per-actor)", file=sys.stderr)
+    return settings
+
+
+def cmd_score_ray(args, reader=None) -> int:
+    """`ixc-engine score --ray`: the local job's checks and writer, the scoring on Ray Data.
+
+    The corpus is read on this driver with the local reader (`reader`: any callable like `read_corpus`, yielding
+    (line, Sample | LineError)), not with ray.data.read_json/read_text: those lose line numbers and ids' JSON types,
+    read_json fails a whole block on one invalid line, read_text drops empty lines and fails a whole file on one
+    byte of bad UTF-8; the local reader gives every line its own record, error or not, exactly as a local job does.
+    The parsed rows (text only; media stay files that the workers open) go to Ray with from_items.
+    """
+    from ixc_engine.cli import _check_outputs_apart, _model_key, shard_output
+    from ixc_engine.corpus import (
+        JobManifest,
+        LineError,
+        ResultWriter,
+        count_lines,
+        errors_path_for,
+        job_path_for,
+        read_corpus,
+    )
+
+    reader = reader or read_corpus
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise RuntimeError(f"--ray needs Ray Data ({exc}): pip install 'ixc-engine[ray]'") from None
+    if args.workers:
+        raise ValueError("--workers is the local job's preparation; with --ray, preparation runs in Ray actors: "
+                         "use --ray-prep-cpus")
+    if not args.corpus.is_file():
+        print(f"error: corpus {args.corpus} not found", file=sys.stderr)
+        return 2
+    out_path = shard_output(args.output, args.shard)
+    job_path = job_path_for(out_path)
+    _check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
+    total_lines = count_lines(args.corpus)
+    i, n = args.shard
+    mine = len(range(i, total_lines, n))
+    job = JobManifest(corpus=str(args.corpus.resolve()), model=_model_key(args.model), hd_num=args.hd_num,
+                      max_length=args.max_length, shard=args.shard, lines=mine)
+    previous = None if args.restart else JobManifest.load(job_path)
+    if previous is not None and (diff := previous.differences(job)):
+        raise ValueError(f"{out_path} holds the results of another job ({'; '.join(diff)}): use --restart to "
+                         "score from scratch into it, or choose another -o")
+    writer, done = ResultWriter.open(out_path, resume=not args.restart)
+    try:
+        if args.restart:
+            job_path.unlink(missing_ok=True)
+        if total_lines == 0:
+            print(f"warning: corpus {args.corpus} is empty", file=sys.stderr)
+        if done:
+            print(f"resuming: {len(done)} of {mine} lines already in {out_path} and its errors file", file=sys.stderr)
+        if len(done) >= mine:
+            writer.flush()
+            job.dtype, job.complete = previous.dtype if previous else None, True
+            job.errors = count_lines(writer.errors_path)
+            job.scored = len(done) - job.errors
+            job.save(job_path)
+            print(json.dumps({"scored": 0, "errors": 0, "skipped_already_done": len(done), "scores": str(out_path),
+                              "errors_file": str(writer.errors_path)}), file=sys.stderr)
+            return 0
+        rows = []
+        for ln, item in reader(args.corpus, shard=args.shard):
+            if ln not in done:
+                rows.append((ln, item))
+                continue
+            cid = item.sample_id if isinstance(item, LineError) else item.id
+            if done[ln] is not None and cid is not None and done[ln] != cid:
+                raise ValueError(f"line {ln} of {args.corpus} has id {cid!r} but {out_path} recorded {done[ln]!r} "
+                                 "for it: the corpus changed since the first run; use --restart to score it anew")
+        rows = list(sample_rows(rows))
+        started = not ray.is_initialized()
+        if started:
+            init = {"address": args.ray_address, "log_to_driver": True}
+            if args.ray_address is None:
+                init["include_dashboard"] = False
+            ray.init(**init)
+        try:
+            return _run(args, ray, rows, writer, job, job_path, previous, done, mine, out_path)
+        finally:
+            if started:
+                ray.shutdown()
+    finally:
+        writer.close()
+
+
+def _run(args, ray, rows, writer, job, job_path, previous, done, mine, out_path) -> int:
+    settings = _ray_settings(args, ray)
+    job.dtype = settings["dtype"]
+    if previous is not None and previous.dtype not in (None, job.dtype):
+        raise ValueError(f"{out_path} was scored in {previous.dtype}, this run would use {job.dtype}: pass --dtype "
+                         f"{previous.dtype} to resume it, or --restart")
+    job.save(job_path)
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
+    ctx.execution_options.preserve_order = True  # batches of consecutive records; results come back in order
+    ctx.enable_progress_bars = False  # ours counts what is written
+    ctx.print_on_execution_start = False
+    try:
+        return _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, settings)
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+
+
+def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, settings) -> int:
+    from ixc_engine.corpus import count_lines
+
+    bs = settings["batch_size"]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // bs, 1000)))
+    ds = build_pipeline(
+        ds, args.model, hd_num=args.hd_num, max_length=args.max_length, batch_size=bs, actors=settings["actors"],
+        gpus_per_actor=settings["gpus_per_actor"], cpus_per_actor=settings["cpus_per_actor"],
+        prep_actors=settings["prep_actors"], device=settings["device"], dtype=settings["dtype"],
+        max_batch_tokens=args.max_batch_tokens, prefix_cache=not args.no_prefix_cache,
+    )
+    print(f"ray: {len(rows)} records to score on {settings['actors']} scoring actor(s) ({settings['device']}, "
+          f"{settings['dtype']}), {settings['prep_actors']} preparation actor(s)", file=sys.stderr)
+    order = [r["index"] for r in rows]
+    expected, written = set(order), set()
+    pending: dict[int, tuple] = {}
+    pos = n_ok = n_err = tokens = duplicates = computed = reused = 0
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=mine, initial=len(done), unit="sample", file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            cols = {k: batch.column(k).to_pylist() for k in RESULT_COLUMNS}
+            computed += sum(cols["tokens_computed"])
+            reused += sum(cols["prefix_tokens_reused"])
+            for index, sid, ok, score, n_tok, err, _, _ in zip(*(cols[k] for k in RESULT_COLUMNS)):
+                # Exactly once whatever the transport does: a line already written or waiting is dropped.
+                if index in pending or index in written:
+                    duplicates += 1
+                    continue
+                if index not in expected:
+                    raise RuntimeError(f"Ray returned a record for line {index}, which this job did not send")
+                pending[index] = (json.loads(sid), ok, score, n_tok, err)
+            while pos < len(order) and order[pos] in pending:
+                line = order[pos]
+                sid, ok, score, n_tok, err = pending.pop(line)
+                if ok:
+                    writer.write_score(line, sid, score, n_tok)
+                    n_ok += 1
+                    tokens += n_tok
+                else:
+                    writer.write_error(line, sid, err)
+                    n_err += 1
+                written.add(line)
+                pos += 1
+                if bar is not None:
+                    bar.update(1)
+            writer.flush()
+            if bar is not None:
+                el = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{tokens / el:,.0f} tok/s, {n_err} errors", refresh=True)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {n_ok + n_err} lines written; run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+    if pos != len(order) or pending:
+        missing = order[pos] if pos < len(order) else None
+        raise RuntimeError(f"Ray returned {pos} of {len(order)} records (first missing: line {missing}; "
+                           f"{len(pending)} out of place): the job is not complete; run the same command to resume")
+    writer.flush()  # fsynced before the job is marked complete; the caller closes it
+    job.complete = True
+    job.errors = count_lines(writer.errors_path)
+    job.scored = len(done) + n_ok + n_err - job.errors
+    job.save(job_path)
+    el = time.perf_counter() - t0
+    print(json.dumps({
+        "scored": n_ok, "errors": n_err, "skipped_already_done": len(done), "seconds": round(el, 3),
+        "samples_per_s": round((n_ok + n_err) / el, 3) if el else None,
+        "tokens_per_s": round(tokens / el, 1) if el else None, "tokens_computed": computed,
+        "prefix_tokens_reused": reused, "duplicates_dropped": duplicates,
+        "ray": {k: settings[k] for k in ("actors", "gpus_per_actor", "cpus_per_actor", "prep_actors", "batch_size")},
+        "scores": str(out_path), "errors_file": str(writer.errors_path),
+    }), file=sys.stderr)
+    return 0

@@ -1,0 +1,148 @@
+"""`score --ray` on a local Ray instance (2 CPUs, started and stopped here): equal to the local job, exactly once when
+a scoring actor is killed mid-job, resumable after the driver is killed; and the stage row format."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+pytest.importorskip("av")
+
+from ixc_engine.cli import main
+from ixc_engine.integrations.ray import decode_prepared, encode_prepared, sample_rows
+from tests.ray_common import (
+    N_LINES,
+    assert_same_results,
+    cli_process,
+    lines_written,
+    local_results,
+    make_corpus,
+    pids_of,
+    summary,
+)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One Ray instance for the module (start-up takes seconds): its GCS address, for drivers in subprocesses."""
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 << 20, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_ckpt):
+    d = tmp_path_factory.mktemp("ray")
+    corpus = make_corpus(d / "data")
+    return corpus, tiny_ckpt, local_results(corpus, tiny_ckpt, d / "local" / "scores.jsonl")
+
+
+def test_prepared_rows_round_trip(job, tokenizer):
+    from ixc_engine.corpus import read_corpus
+    from ixc_engine.engine.sequence import PreparedSample, prepare_sample
+
+    corpus, _, _ = job
+    items = dict(read_corpus(corpus))
+    rows = list(sample_rows(items.items()))
+    assert [r["index"] for r in rows] == list(range(1, N_LINES + 1))
+    assert json.loads(rows[6]["sample"])["error"].startswith("invalid JSON")  # a parse error crosses as an error row
+    for line in (1, 2, 4):  # text, image, video
+        p = prepare_sample(tokenizer, items[line], hd_num=9, max_length=16384)
+        meta, tokens, pixels = encode_prepared(p)
+        assert isinstance(tokens, bytes) and isinstance(pixels, bytes)  # plain buffers, no pickled objects
+        q = decode_prepared(json.loads(meta), tokens, pixels)
+        assert isinstance(q, PreparedSample) and (q.id, q.pieces, q.media_digests, q.n_tokens) == (
+            p.id, p.pieces, p.media_digests, p.n_tokens)
+        assert [(m.h, m.w, m.kind) for m in q.media] == [(m.h, m.w, m.kind) for m in p.media]
+        for a, b in zip(q.media, p.media):
+            assert np.array_equal(a.pixel_values.numpy(), b.pixel_values.numpy())
+        assert np.array_equal(q.content_keys(), p.content_keys())
+
+
+def test_ray_job_equals_local_job(cluster, job, tmp_path, capsys):
+    corpus, model, local = job
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", str(corpus), "--model", str(model), "-o", str(out), "--ray", "--ray-batch-size", "3",
+                 "--no-progress"]) == 0
+    assert_same_results(out, local)
+    s = summary(capsys.readouterr().err)
+    assert (s["scored"], s["errors"], s["duplicates_dropped"]) == (16, 6, 0)
+    # Neighbours share prefixes inside the scoring actor (the system prompt at least); every scored token is either
+    # computed or reused.
+    assert s["prefix_tokens_reused"] > 0
+    assert s["tokens_computed"] + s["prefix_tokens_reused"] == sum(r["n_tokens"] for r in local[0])
+    # The finished job is not redone, by --ray or locally: the job file is the same.
+    assert main(["score", str(corpus), "--model", str(model), "-o", str(out), "--no-progress"]) == 0
+    assert summary(capsys.readouterr().err)["skipped_already_done"] == N_LINES
+
+
+def _wait_for(cond, proc, timeout=240.0, poll=0.02):
+    t0 = time.monotonic()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"driver ended early (rc {proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(poll)
+
+
+def test_killed_scoring_actor_is_restarted_and_nothing_doubles(cluster, job, tmp_path):
+    corpus, model, local = job
+    out = tmp_path / "scores.jsonl"
+    before = set(pids_of(b"MapBatches(Score)"))
+    proc = cli_process("score", corpus, "--model", model, "-o", out, "--ray", "--ray-address", cluster,
+                       "--ray-batch-size", "2", "--no-progress")
+    # Kill the scoring actor once it has delivered a batch and while it scores the next one (Ray titles its process
+    # ray::MapWorker(MapBatches(Score)).submit during a batch).
+    busy = b"MapBatches(Score)).submit"
+    _wait_for(lambda: lines_written(out) >= 1 and set(pids_of(busy)) - before, proc, poll=0.002)
+    victim = min(set(pids_of(busy)) - before)
+    at_kill = lines_written(out)
+    os.kill(victim, signal.SIGKILL)
+    restarted = set()
+    while proc.poll() is None and not restarted:  # Ray starts a new scoring actor process
+        restarted = set(pids_of(b"MapBatches(Score)")) - before - {victim}
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert at_kill < N_LINES, "the job ended before the kill"
+    assert restarted, "no new scoring actor was seen after the kill"
+    assert_same_results(out, local)
+    assert summary(err)["duplicates_dropped"] == 0
+
+
+def test_killed_driver_resumes_without_rescoring(cluster, job, tmp_path, capsys):
+    corpus, model, local = job
+    out = tmp_path / "scores.jsonl"
+    args = ["score", str(corpus), "--model", str(model), "-o", str(out), "--ray", "--ray-batch-size", "2",
+            "--no-progress"]
+    proc = cli_process(*args, "--ray-address", cluster)
+    _wait_for(lambda: lines_written(out) >= 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    done = lines_written(out)  # complete records (a torn last line is cut and redone by the resumed job)
+    assert 4 <= done < N_LINES
+    job_file = json.loads(out.with_name("scores.job.json").read_text())
+    assert not job_file["complete"]
+    assert main(args) == 0  # the same command (in this process, on the module's Ray instance)
+    s = summary(capsys.readouterr().err)
+    assert s["skipped_already_done"] == done and s["scored"] + s["errors"] == N_LINES - done
+    assert_same_results(out, local)
+
+
+def test_ray_options_need_ray(job, tmp_path, capsys):
+    corpus, model, _ = job
+    assert main(["score", str(corpus), "--model", str(model), "-o", str(tmp_path / "s.jsonl"), "--ray-actors",
+                 "2"]) == 2
+    assert "--ray-actors needs --ray" in capsys.readouterr().err
+    assert main(["score", str(corpus), "--model", str(model), "-o", str(tmp_path / "s.jsonl"), "--ray", "--workers",
+                 "2"]) == 2
+    assert "use --ray-prep-cpus" in capsys.readouterr().err
