@@ -33,7 +33,7 @@ def add_rms_norm_ref(x, delta, weight, eps: float):
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows"])
     def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, r_ptr, n_ptr, n_rows, H, eps,
                              stride_x, stride_d, stride_r, stride_n,
                              HAS_DELTA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -106,13 +106,33 @@ def add_rms_norm(x, delta, weight, eps: float, *, out=None, backend: str = "auto
     return r, out
 
 
-def compile_specs() -> list[dict]:
-    """The launch configurations the engine uses at the 7B shapes in bf16 (H = 4096), for ahead-of-time compiles."""
+def compile_specs(cfg=None) -> list[dict]:
+    """Launch configurations `add_rms_norm` picks on a GPU at the model `cfg`'s shapes (default: the released 7B), in
+    bf16 and fp32, for ahead-of-time compile checks (see kernels/_specs.py). Strides are those of the fused decoder
+    layer (models/internlm2._fused_layer): x, delta and r contiguous [T, H]; n written into the [a | n] buffer before
+    wqkv (row r + H) or the [a1 | n | a3] buffer before w1/w3 (row 2r + H), r the PLoRA rank (256 in the release).
+    The first layer's call has no delta (the wrapper then passes x and stride 0)."""
     if triton is None:
         return []
-    sig = {"x_ptr": "*bf16", "d_ptr": "*bf16", "w_ptr": "*bf16", "r_ptr": "*bf16", "n_ptr": "*bf16", "n_rows": "i32",
-           "H": "i32", "eps": "fp32", "stride_x": "i32", "stride_d": "i32", "stride_r": "i32", "stride_n": "i32",
-           "HAS_DELTA": "constexpr", "BLOCK_T": "constexpr", "BLOCK_H": "constexpr"}
-    return [{"name": f"add_rms_norm_bf16_delta{int(d)}", "fn": _add_rms_norm_kernel, "signature": sig,
-             "constexprs": {"HAS_DELTA": d, "BLOCK_T": 1, "BLOCK_H": 4096}, "num_warps": 8, "num_stages": 1}
-            for d in (True, False)]
+    from ixc_engine.config import ModelConfig
+
+    from ._specs import kernel_spec, triton_type
+
+    cfg = cfg or ModelConfig()
+    h, rank = cfg.hidden_size, cfg.plora_rank or 256
+    bt, bh, warps = _blocks(h, on_gpu=True)
+    specs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        t = triton_type(dtype)
+        tag = "bf16" if dtype == torch.bfloat16 else "fp32"
+        for label, has_delta, stride_n in (("attn", True, rank + h), ("ffn", True, 2 * rank + h),
+                                           ("first", False, rank + h)):
+            specs.append(kernel_spec(
+                f"add_rms_norm[{label},{tag}]", _add_rms_norm_kernel,
+                pointers={"x_ptr": t, "d_ptr": t, "w_ptr": t, "r_ptr": t, "n_ptr": t},
+                ints={"n_rows": 3301, "H": h, "stride_x": h, "stride_d": h if has_delta else 0, "stride_r": h,
+                      "stride_n": stride_n},
+                floats=("eps",), constexprs={"HAS_DELTA": has_delta, "BLOCK_T": bt, "BLOCK_H": bh},
+                num_warps=warps, num_stages=3, per_batch=("n_rows",), dtype=tag,  # num_stages: Triton's default
+            ))
+    return specs

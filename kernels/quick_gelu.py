@@ -25,7 +25,7 @@ def quick_gelu_ref(h):
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _quick_gelu_kernel(h_ptr, o_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < n
@@ -63,11 +63,25 @@ def quick_gelu(h, *, out=None, backend: str = "auto"):
     return out
 
 
-def compile_specs() -> list[dict]:
-    """The launch configuration the engine uses in bf16, for ahead-of-time compiles."""
+def compile_specs(cfg=None) -> list[dict]:
+    """Launch configuration `quick_gelu` picks on a GPU for the ViT MLP of the model `cfg` (default: the released
+    CLIP ViT-L/14 at 560: 1601 tokens per crop, intermediate 4096), in bf16 and fp32, for ahead-of-time compile checks
+    (see kernels/_specs.py). n (tokens of all crops of the batch times the intermediate size) changes per batch."""
     if triton is None:
         return []
+    from ixc_engine.config import ModelConfig
+
+    from ._specs import kernel_spec, triton_type
+
+    vis = (cfg or ModelConfig()).vision
     block, warps = _block(True)
-    return [{"name": "quick_gelu_bf16", "fn": _quick_gelu_kernel,
-             "signature": {"h_ptr": "*bf16", "o_ptr": "*bf16", "n": "i32", "BLOCK": "constexpr"},
-             "constexprs": {"BLOCK": block}, "num_warps": warps, "num_stages": 1}]
+    specs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        tag = "bf16" if dtype == torch.bfloat16 else "fp32"
+        t = triton_type(dtype)
+        specs.append(kernel_spec(
+            f"quick_gelu[{tag}]", _quick_gelu_kernel, pointers={"h_ptr": t, "o_ptr": t},
+            ints={"n": (vis.grid**2 + 1) * vis.intermediate_size}, constexprs={"BLOCK": block},
+            num_warps=warps, num_stages=3, per_batch=("n",), dtype=tag,  # num_stages: Triton's default
+        ))
+    return specs

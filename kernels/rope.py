@@ -41,7 +41,7 @@ def rope_qk_ref(qkv, cos, sin):
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows"])
     def _rope_qk_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, n_rows,
                         stride_xt, stride_xh, stride_xs, stride_ct, stride_st,
                         GROUP: tl.constexpr, SLOTS_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -107,14 +107,30 @@ def rope_qk(qkv, cos, sin, *, backend: str = "auto"):
     return q, k
 
 
-def compile_specs() -> list[dict]:
-    """The launch configuration the engine uses at the 7B shapes in bf16 (G = 4, D = 128), for AOT compiles."""
+def compile_specs(cfg=None) -> list[dict]:
+    """Launch configurations `rope_qk` picks on a GPU at the model `cfg`'s shapes (default: the released 7B: G = 4,
+    D = 128), in bf16 and fp32, for ahead-of-time compile checks (see kernels/_specs.py). qkv is the
+    [T, Hkv, G + 2, D] view of the contiguous wqkv output, cos/sin the contiguous [T, D] tables."""
     if triton is None:
         return []
-    sig = {"x_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16",
-           "n_rows": "i32", "stride_xt": "i32", "stride_xh": "i32", "stride_xs": "i32", "stride_ct": "i32",
-           "stride_st": "i32", "GROUP": "constexpr", "SLOTS_PAD": "constexpr", "HALF": "constexpr",
-           "BLOCK_T": "constexpr"}
-    return [{"name": "rope_qk_bf16", "fn": _rope_qk_kernel, "signature": sig,
-             "constexprs": {"GROUP": 4, "SLOTS_PAD": 8, "HALF": 64, "BLOCK_T": _block_t(True)}, "num_warps": 4,
-             "num_stages": 1}]
+    from ixc_engine.config import ModelConfig
+
+    from ._specs import kernel_spec, triton_type
+
+    cfg = cfg or ModelConfig()
+    hkv, d = cfg.num_key_value_heads, cfg.head_dim
+    g = cfg.num_attention_heads // hkv
+    specs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        t = triton_type(dtype)
+        tag = "bf16" if dtype == torch.bfloat16 else "fp32"
+        specs.append(kernel_spec(
+            f"rope_qk[{tag}]", _rope_qk_kernel,
+            pointers={"x_ptr": t, "cos_ptr": t, "sin_ptr": t, "q_ptr": t, "k_ptr": t},
+            ints={"n_rows": 3301, "stride_xt": hkv * (g + 2) * d, "stride_xh": (g + 2) * d, "stride_xs": d,
+                  "stride_ct": d, "stride_st": d},
+            constexprs={"GROUP": g, "SLOTS_PAD": triton.next_power_of_2(g + 1), "HALF": d // 2,
+                        "BLOCK_T": _block_t(True)},
+            num_warps=4, num_stages=3, per_batch=("n_rows",), dtype=tag,  # num_stages: Triton's default
+        ))
+    return specs

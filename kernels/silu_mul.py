@@ -27,7 +27,7 @@ def silu_mul_ref(a, b):
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows"])
     def _silu_mul_kernel(a_ptr, b_ptr, o_ptr, n_rows, n_cols, stride_a, stride_b, stride_o,
                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -69,12 +69,27 @@ def silu_mul(a, b, *, out=None, backend: str = "auto"):
     return out
 
 
-def compile_specs() -> list[dict]:
-    """The launch configuration the engine uses at the 7B shapes in bf16 (I = 14336), for ahead-of-time compiles."""
+def compile_specs(cfg=None) -> list[dict]:
+    """Launch configuration `silu_mul` picks on a GPU at the model `cfg`'s shapes (default: the released 7B,
+    I = 14336), in bf16 and fp32, for ahead-of-time compile checks (see kernels/_specs.py). a, b are the contiguous
+    w1/w3 outputs; out is the column window of the [a | g] buffer before w2 (row r + I, r the PLoRA rank, 256)."""
     if triton is None:
         return []
+    from ixc_engine.config import ModelConfig
+
+    from ._specs import kernel_spec, triton_type
+
+    cfg = cfg or ModelConfig()
+    inter, rank = cfg.intermediate_size, cfg.plora_rank or 256
     bt, bc, warps = _blocks(True)
-    sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "o_ptr": "*bf16", "n_rows": "i32", "n_cols": "i32", "stride_a": "i32",
-           "stride_b": "i32", "stride_o": "i32", "BLOCK_T": "constexpr", "BLOCK_C": "constexpr"}
-    return [{"name": "silu_mul_bf16", "fn": _silu_mul_kernel, "signature": sig,
-             "constexprs": {"BLOCK_T": bt, "BLOCK_C": bc}, "num_warps": warps, "num_stages": 1}]
+    specs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        t = triton_type(dtype)
+        tag = "bf16" if dtype == torch.bfloat16 else "fp32"
+        specs.append(kernel_spec(
+            f"silu_mul[{tag}]", _silu_mul_kernel, pointers={"a_ptr": t, "b_ptr": t, "o_ptr": t},
+            ints={"n_rows": 3301, "n_cols": inter, "stride_a": inter, "stride_b": inter, "stride_o": rank + inter},
+            constexprs={"BLOCK_T": bt, "BLOCK_C": bc},
+            num_warps=warps, num_stages=3, per_batch=("n_rows",), dtype=tag,  # num_stages: Triton's default
+        ))
+    return specs

@@ -137,6 +137,16 @@ def test_compile_specs_name_jit_functions(mod):
     specs = mod.compile_specs()
     assert specs
     for s in specs:
-        assert set(s) == {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}
-        assert set(s["constexprs"]) <= {k for k, v in s["signature"].items() if v == "constexpr"}
+        # the kernels/_specs.py format bench/compile_table.py binds and compiles
+        assert set(s) == {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "ints", "per_batch",
+                          "dtype"}
+        assert set(s["constexprs"]) == {k for k, v in s["signature"].items() if v == "constexpr"}
         assert list(s["signature"]) == list(s["fn"].arg_names)
+        assert set(s["ints"]) == {k for k, v in s["signature"].items() if v in ("i32", "i64")}
+        # the row / element count changes every batch: it must be neither a spec'd constant nor JIT-specialised
+        assert s["per_batch"], s["name"]
+        fn = s["fn"]  # a JITFunction, or an InterpretedFunction (keeps the decorator's kwargs) under TRITON_INTERPRET
+        dns = ({prm.name for prm in fn.params if prm.do_not_specialize} if hasattr(fn, "params")
+               else set(fn.kwargs.get("do_not_specialize") or ()))
+        assert set(s["per_batch"]) <= dns, (s["name"], s["per_batch"], dns)
+    assert {s["dtype"] for s in specs} == {"bf16", "fp32"}
