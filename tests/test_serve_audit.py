@@ -1,0 +1,42 @@
+"""Regressions from the hostile-client audit of `ixc-engine serve`: bodies that used to give 500."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+httpx = pytest.importorskip("httpx")
+
+from tests.test_serve import engine, one_thread, serve  # noqa: F401 - fixtures and helpers of the serving tests
+
+GOOD = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
+LONE = "<|im_start|>user\n\ud800hi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
+
+HOSTILE = [  # (path, raw body, field the error must name or None, text the message must hold)
+    ("/get_reward", b'{"query": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, "nested too deeply"),
+    ("/get_reward", b'{"query": ["x"], "labels": ' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}", None,
+     "nested too deeply"),
+    ("/get_reward", b'{"query": ["x"], "labels": [' + b"9" * 5000 + b"]}", None, "not valid JSON"),
+    ("/get_reward", json.dumps({"query": [GOOD, LONE]}).encode(), "query[1]", "lone UTF-16 surrogate"),
+    ("/get_reward", json.dumps({"query": [GOOD], "images": [["\udc00.png"]]}).encode(), "images[0][0]",
+     "lone UTF-16 surrogate"),
+    ("/v1/score", json.dumps({"conversations": [[{"role": "user", "content": "\udfffx"}]]}).encode(),
+     "conversations[0][0].content", "lone UTF-16 surrogate"),
+    ("/pooling", json.dumps({"input": "x", "\ud800": 1}).encode(), None, "lone UTF-16 surrogate"),
+]
+
+
+def test_hostile_json_bodies_get_400_naming_the_field_and_the_server_keeps_serving(engine, tmp_path):  # noqa: F811
+    with serve(engine, media_root=tmp_path) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        for path, raw, field, text in HOSTILE:
+            r = client.post(path, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400, (path, raw[:80], r.text[:300])
+            err = r.json()["error"]
+            assert text in err["message"], err
+            if field is not None:
+                assert err["param"] == field and err["message"].startswith(field + ":"), err
+            assert client.post("/get_reward", json={"query": [GOOD]}).status_code == 200
