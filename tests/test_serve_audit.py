@@ -1,4 +1,5 @@
-"""Regressions from the hostile-client audit of `ixc-engine serve`: bodies that used to give 500."""
+"""Regressions from the hostile-client audit of `ixc-engine serve`: bodies that used to give 500, and one bad sample
+that used to fail every request sharing its engine batch."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 
+from ixc_engine.api import Sample
+from ixc_engine.serve.batcher import Batcher, BatcherConfig
 from tests.test_serve import engine, one_thread, serve  # noqa: F401 - fixtures and helpers of the serving tests
 
 GOOD = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
@@ -40,3 +43,26 @@ def test_hostile_json_bodies_get_400_naming_the_field_and_the_server_keeps_servi
             if field is not None:
                 assert err["param"] == field and err["message"].startswith(field + ":"), err
             assert client.post("/get_reward", json={"query": [GOOD]}).status_code == 200
+
+
+def test_a_sample_the_engine_cannot_take_fails_only_its_own_request(engine, demo_ref):  # noqa: F811
+    """A sample that makes the engine raise (here a lone surrogate, which the tokenizer cannot encode, submitted past
+    the JSON checks) used to fail every request of its batch with 500; now only its own."""
+    convs = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer " * (i + 1)}]
+             for i in range(4)]
+    want = demo_ref.score(convs)
+    poison = Sample([{"role": "user", "content": "\ud800 hi"}, {"role": "assistant", "content": "x"}], [], id=0)
+    batcher = Batcher(engine, BatcherConfig(max_wait_ms=300))
+    batcher.start()
+    try:
+        futs = [batcher.submit([Sample(c, [], id=0)], 9, 60) for c in convs[:2]]
+        bad = batcher.submit([poison], 9, 60)
+        futs += [batcher.submit([Sample(c, [], id=0)], 9, 60) for c in convs[2:]]
+        got = [f.result(60)[0] for f in futs]
+        with pytest.raises(RuntimeError, match="scoring failed"):
+            bad.result(60)
+    finally:
+        batcher.stop()
+    assert batcher.batches == 1  # they did share one engine call
+    assert [g.error for g in got] == [None] * 4
+    assert [g.score for g in got] == pytest.approx(want, rel=1e-5, abs=1e-5)
