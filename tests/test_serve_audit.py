@@ -4,6 +4,10 @@ that used to fail every request sharing its engine batch."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +18,7 @@ httpx = pytest.importorskip("httpx")
 
 from ixc_engine.api import Sample
 from ixc_engine.serve.batcher import Batcher, BatcherConfig
+from tests.serve_support import ServerProcess, free_port
 from tests.test_serve import engine, one_thread, serve  # noqa: F401 - fixtures and helpers of the serving tests
 
 GOOD = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
@@ -66,3 +71,46 @@ def test_a_sample_the_engine_cannot_take_fails_only_its_own_request(engine, demo
     assert batcher.batches == 1  # they did share one engine call
     assert [g.error for g in got] == [None] * 4
     assert [g.score for g in got] == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_sigterm_stops_the_preprocessing_workers_too():
+    """uvicorn re-raises SIGTERM after its graceful shutdown; that used to kill the server before engine.close(), so
+    the --workers processes outlived it."""
+    srv = ServerProcess(free_port(), "--workers", "1").start()
+    kids: list[int] = []
+    try:
+        r = httpx.post(srv.url + "/get_reward", json={"query": [GOOD]}, timeout=120)
+        assert r.status_code == 200, r.text
+        kids = _children(srv.proc.pid)
+        assert kids, "no worker process was started"
+        srv.terminate()
+        assert srv.proc.wait(60) in (0, -signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(map(_running, kids)):
+            time.sleep(0.1)
+        assert not [k for k in kids if _running(k)], f"workers {kids} outlived the server: {srv.log()[-2000:]}"
+    finally:
+        srv.kill()
+        for k in kids:  # only the processes this test's server started
+            if _running(k):
+                os.kill(k, signal.SIGKILL)
