@@ -3,9 +3,12 @@ that used to fail every request sharing its engine batch."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -114,3 +117,39 @@ def test_sigterm_stops_the_preprocessing_workers_too():
         for k in kids:  # only the processes this test's server started
             if _running(k):
                 os.kill(k, signal.SIGKILL)
+
+
+class _Odd(http.server.BaseHTTPRequestHandler):
+    """Answers as proxies and other reward servers do: {"error": "text"} or an HTML page."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        status, body = {"/str": (400, b'{"error": "bad thing"}'), "/list": (400, b"[1, 2]"),
+                        "/html": (200, b"<html>gateway</html>")}[self.path.split("/v1")[0]]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_client_reports_odd_error_bodies_as_reward_server_errors():
+    """A string "error" used to raise AttributeError, a non-JSON 200 a JSONDecodeError, from inside the client."""
+    from ixc_engine.client import RewardClient, RewardServerError
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Odd)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{srv.server_address[1]}"
+        conv = [[{"role": "user", "content": "x"}]]
+        for prefix, status, text in (("/str", 400, "bad thing"), ("/list", 400, "[1, 2]"), ("/html", 200, "not JSON")):
+            with pytest.raises(RewardServerError, match=re.escape(text)) as info:
+                RewardClient(base + prefix, retries=0).score(conv)
+            assert info.value.status == status
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(10)
