@@ -45,6 +45,11 @@ def validate_messages(messages: object) -> list[dict]:
             raise ValueError(f"messages[{i}]['role'] is {role!r}; it must be one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}]['content'] must be a str, got {type(content).__name__}")  # noqa: TRY004
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as exc:  # the tokenizer would raise an opaque pybind error on the whole batch
+            raise ValueError(f"messages[{i}]['content'] is not valid text: {exc.reason} at character {exc.start} "
+                             f"({content[exc.start]!r}, a lone UTF-16 surrogate)") from None
         out.append({"role": role, "content": content})
     return out
 

@@ -53,27 +53,51 @@ def test_hostile_json_bodies_get_400_naming_the_field_and_the_server_keeps_servi
             assert client.post("/get_reward", json={"query": [GOOD]}).status_code == 200
 
 
-def test_a_sample_the_engine_cannot_take_fails_only_its_own_request(engine, demo_ref):  # noqa: F811
-    """A sample that makes the engine raise (here a lone surrogate, which the tokenizer cannot encode, submitted past
-    the JSON checks) used to fail every request of its batch with 500; now only its own."""
+class _RaisesOn:
+    """The served engine, except that a batch holding a sample with id "poison" raises (as an engine bug would)."""
+
+    def __init__(self, inner) -> None:
+        self._engine = inner
+
+    def score_stream(self, items, hd_num):
+        items = list(items)
+        if any(s.id == "poison" for _, s in items):
+            raise RuntimeError("engine bug")
+        return self._engine.score_stream(items, hd_num=hd_num)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def test_a_sample_the_engine_raises_on_fails_only_its_own_request(engine, demo_ref):  # noqa: F811
+    """An engine exception used to fail every request of its batch with 500; now only the guilty one."""
     convs = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer " * (i + 1)}]
              for i in range(4)]
     want = demo_ref.score(convs)
-    poison = Sample([{"role": "user", "content": "\ud800 hi"}, {"role": "assistant", "content": "x"}], [], id=0)
-    batcher = Batcher(engine, BatcherConfig(max_wait_ms=300))
+    poison = Sample([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], [], id="poison")
+    batcher = Batcher(_RaisesOn(engine), BatcherConfig(max_wait_ms=300))
     batcher.start()
     try:
         futs = [batcher.submit([Sample(c, [], id=0)], 9, 60) for c in convs[:2]]
         bad = batcher.submit([poison], 9, 60)
         futs += [batcher.submit([Sample(c, [], id=0)], 9, 60) for c in convs[2:]]
         got = [f.result(60)[0] for f in futs]
-        with pytest.raises(RuntimeError, match="scoring failed"):
+        with pytest.raises(RuntimeError, match="scoring failed: RuntimeError: engine bug"):
             bad.result(60)
     finally:
         batcher.stop()
     assert batcher.batches == 1  # they did share one engine call
     assert [g.error for g in got] == [None] * 4
     assert [g.score for g in got] == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+def test_a_lone_surrogate_is_a_per_sample_error_of_the_engine(demo_ref):
+    """In-process and in `ixc-engine score` too: the tokenizer used to raise an opaque pybind error for the batch."""
+    convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}],
+             [{"role": "user", "content": "hi \udc80"}, {"role": "assistant", "content": "yes"}]]
+    res = list(demo_ref.score_stream([Sample(c, [], id=i) for i, c in enumerate(convs)]))
+    assert res[0].error is None and res[0].score == pytest.approx(demo_ref.score(convs[:1])[0], abs=1e-5)
+    assert "messages[0]['content'] is not valid text" in res[1].error and "surrogate" in res[1].error
 
 
 def _children(pid: int) -> list[int]:
