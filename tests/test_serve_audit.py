@@ -37,6 +37,12 @@ HOSTILE = [  # (path, raw body, field the error must name or None, text the mess
      "lone UTF-16 surrogate"),
     ("/v1/score", json.dumps({"conversations": [[{"role": "user", "content": "\udfffx"}]]}).encode(),
      "conversations[0][0].content", "lone UTF-16 surrogate"),
+    # 50k path components: resolving took ~1 s here and grows quadratically (1 MB of 'a/': minutes)
+    ("/get_reward", json.dumps({"query": [GOOD], "images": [["a/" * 50_000 + "x.png"]]}).encode(), "images[0][0]",
+     "over the limit of 4096"),
+    ("/pooling", json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "file:///" + "a/" * 50_000}}]}]}).encode(), "messages",
+     "over the limit of 4096"),
     ("/pooling", json.dumps({"input": "x", "\ud800": 1}).encode(), None, "lone UTF-16 surrogate"),
 ]
 

@@ -18,6 +18,7 @@ from ixc_engine.formats.parts import MediaResolver, PartsError, flatten_messages
 from ixc_engine.serve.chat import ChatParseError, parse_chat
 
 MAX_HD_NUM = 64
+MAX_PATH_CHARS = 4096  # Linux PATH_MAX
 
 
 class RequestError(Exception):
@@ -48,7 +49,7 @@ class Limits:
 
     def resolver(self) -> MediaResolver:
         root = self.media_root
-        return MediaResolver(base_dir=root, root=root, allow_paths=root is not None,
+        return _ServeResolver(base_dir=root, root=root, allow_paths=root is not None,
                              max_data_uri_bytes=self.max_data_uri_bytes)
 
 
@@ -77,6 +78,19 @@ def _lone_surrogate_field(body: Any) -> str | None:
                     return sub.encode("utf-8", "backslashreplace").decode()
                 stack.append((sub, v))
     return None
+
+
+class _ServeResolver(MediaResolver):
+    """MediaResolver that first refuses over-long paths: no file system opens one (ENAMETOOLONG), and resolving one
+    component by component is quadratic (a 1 MB path of 'a/a/...' kept a parse thread busy for minutes)."""
+
+    __slots__ = ()
+
+    def __call__(self, ref: object, kind: str):
+        url = ref.get("url") if isinstance(ref, Mapping) else ref  # image_url's {"url": ...}, as resolve_media_ref
+        if isinstance(url, str) and len(url) > MAX_PATH_CHARS and url[:5].lower() != "data:":
+            raise PartsError(f"{kind} path of {len(url)} characters is over the limit of {MAX_PATH_CHARS}")
+        return super().__call__(ref, kind)
 
 
 def decode_json(raw: bytes) -> dict:
