@@ -148,11 +148,17 @@ class RewardClient:
             try:
                 req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read())
+                    raw = resp.read()
+                try:
+                    return json.loads(raw)
+                except ValueError:  # e.g. a proxy's HTML page
+                    raise RewardServerError(f"{method} {path}: HTTP {resp.status}: the answer is not JSON: "
+                                            f"{raw[:200]!r}", resp.status, raw) from None
             except urllib.error.HTTPError as exc:
                 payload = _json_or_text(exc.read())
                 if exc.code not in RETRY_STATUSES or attempt == self.retries:
-                    msg = payload.get("error", {}).get("message") if isinstance(payload, dict) else payload
+                    err = payload.get("error", payload) if isinstance(payload, dict) else payload
+                    msg = err.get("message", err) if isinstance(err, dict) else err  # {"error": "..."} too
                     raise RewardServerError(f"{method} {path}: HTTP {exc.code}: {msg}", exc.code, payload) from None
                 retry_after = exc.headers.get("Retry-After")
                 if retry_after and retry_after.strip().isdigit():

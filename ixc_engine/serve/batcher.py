@@ -200,9 +200,8 @@ class Batcher:
                     job, k = items[res.index]
                     errors += res.error is not None
                     _deliver(job, k, res)
-            except Exception as exc:  # noqa: BLE001 - an engine failure fails these requests, not the server
-                for job, _ in items:
-                    _fail(job, RuntimeError(f"scoring failed: {type(exc).__name__}: {exc}"))
+            except Exception:  # noqa: BLE001 - an engine failure fails the guilty requests, not the server
+                errors += self._isolate(items, hd_num)
         after = self.engine.stats()
         self.batches += 1
         self.samples_scored += len(live)
@@ -213,6 +212,22 @@ class Batcher:
                 prefix_tokens_reused=after["prefix_tokens_reused"] - before["prefix_tokens_reused"],
                 seconds=time.perf_counter() - t0,
             ))
+
+
+    def _isolate(self, items: list[tuple[_Job, int]], hd_num: int) -> int:
+        """A batch raised: score its undelivered samples one by one, so that a sample the engine cannot take fails
+        only its own request, not every request that shared the batch. Returns the number of per-sample errors."""
+        errors = 0
+        for job, k in items:
+            if job.future.done() or job.results[k] is not None:
+                continue
+            try:
+                for res in self.engine.score_stream([(0, job.samples[k])], hd_num=hd_num):
+                    errors += res.error is not None
+                    _deliver(job, k, res)
+            except Exception as exc:  # noqa: BLE001
+                _fail(job, RuntimeError(f"scoring failed: {type(exc).__name__}: {exc}"))
+        return errors
 
 
 def _deliver(job: _Job, k: int, res: ScoreResult) -> None:

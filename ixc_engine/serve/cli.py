@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -98,10 +99,17 @@ def cmd_serve(args) -> int:
     engine, scfg = build(args)
     print(f"model loaded in {time.perf_counter() - t0:.1f}s on {engine.engine.runner.device} "
           f"({engine.engine.runner.dtype}); serving {scfg.model_name!r}", file=sys.stderr)
+    # uvicorn re-raises SIGTERM once it has shut down; with the default handler that kills the process before the
+    # `finally` below, leaving --workers processes orphaned. A handler of ours is what it restores and re-raises to.
+    got: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda sig, _frame: got.append(sig))
     try:
         run(create_app(engine, scfg), args.host, args.port, args.log_level)
     finally:
         engine.close()
+        signal.signal(signal.SIGTERM, previous)
+    if got:
+        signal.raise_signal(signal.SIGTERM)  # the exit status still says SIGTERM, as before
     return 0
 
 

@@ -7,6 +7,7 @@ URL fetch)."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from ixc_engine.formats.parts import MediaResolver, PartsError, flatten_messages
 from ixc_engine.serve.chat import ChatParseError, parse_chat
 
 MAX_HD_NUM = 64
+MAX_PATH_CHARS = 4096  # Linux PATH_MAX
 
 
 class RequestError(Exception):
@@ -47,8 +49,48 @@ class Limits:
 
     def resolver(self) -> MediaResolver:
         root = self.media_root
-        return MediaResolver(base_dir=root, root=root, allow_paths=root is not None,
+        return _ServeResolver(base_dir=root, root=root, allow_paths=root is not None,
                              max_data_uri_bytes=self.max_data_uri_bytes)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \\uD800-\\uDFFF escape: maybe a lone surrogate
+
+
+def _lone_surrogate_field(body: Any) -> str | None:
+    """JSON path of the first string (key or value) holding a lone surrogate, which cannot be UTF-8 encoded (the
+    tokenizer and the file system would raise on it). Iterative: the body may be nested up to the decoder's limit."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            for k, v in reversed(list(value.items())):
+                sub = f"{path}.{k}" if path else str(k)
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:
+                    return sub.encode("utf-8", "backslashreplace").decode()
+                stack.append((sub, v))
+    return None
+
+
+class _ServeResolver(MediaResolver):
+    """MediaResolver that first refuses over-long paths: no file system opens one (ENAMETOOLONG), and resolving one
+    component by component is quadratic (a 1 MB path of 'a/a/...' kept a parse thread busy for minutes)."""
+
+    __slots__ = ()
+
+    def __call__(self, ref: object, kind: str):
+        url = ref.get("url") if isinstance(ref, Mapping) else ref  # image_url's {"url": ...}, as resolve_media_ref
+        if isinstance(url, str) and len(url) > MAX_PATH_CHARS and url[:5].lower() != "data:":
+            raise PartsError(f"{kind} path of {len(url)} characters is over the limit of {MAX_PATH_CHARS}")
+        return super().__call__(ref, kind)
 
 
 def decode_json(raw: bytes) -> dict:
@@ -58,8 +100,16 @@ def decode_json(raw: bytes) -> dict:
         raise bad(None, f"body is not UTF-8 JSON ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise bad(None, f"body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise bad(None, "body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal of over 4300 digits (sys.get_int_max_str_digits)
+        raise bad(None, f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise bad(None, f"body must be a JSON object, got {type(body).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):  # only \\u escapes can put a lone surrogate into decoded JSON
+        field = _lone_surrogate_field(body)
+        if field is not None:
+            raise bad(field, "holds a lone UTF-16 surrogate (an unpaired \\uD800-\\uDFFF escape), which is not text")
     return body
 
 
