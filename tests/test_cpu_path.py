@@ -160,7 +160,7 @@ def test_cli_workers_help_says_when_to_raise_it(capsys):
     with pytest.raises(SystemExit):
         main(["score", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--workers" in text and "Raise it on a GPU machine" in text and "On a CPU device" in text
+    assert "--workers" in text and "Raise it on a GPU machine" in text and "On a CPU device raise it" in text
 
 
 # --- the PLoRA row-run path ----------------------------------------------------------------------------------------

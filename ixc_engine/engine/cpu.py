@@ -149,12 +149,12 @@ def cpu_cores() -> int:
 
 
 def default_workers(device: torch.device | str, cores: int | None = None) -> int:
-    """`--workers` default: preparation processes that do not fight the model for cores.
+    """`--workers` default: 0 (prepare inline between batches) on every device, for now.
 
-    On a CPU device the model's matmuls already use every core and a worker process only takes them away (measured on
-    2 cores: bench/RESULTS.md, "CPU threads and workers"), so 0: prepare inline between batches. On a GPU, workers
-    would overlap preparation with the device, but that is not measured yet, so the default stays 0 there too and
-    the CLI help says when to raise it."""
+    Not yet settled by measurement: on the 2-core development machine one loaded round of the demo job (tiny model,
+    preparation-bound) ran workers 0 / torch threads 2 in 130 s, workers 1 / threads 1 in 71 s and workers 2 /
+    threads 1 in 43 s (bench/RESULTS.md), while for a mid-size model preparation is ~1.5% of the job. A rule needs
+    interleaved rounds of `bench/bench_cpu_workers.py` (including workers 0 / threads 1) on a quiet machine."""
     del cores  # kept in the signature for a measured many-core / GPU rule
     torch.device(device)  # validates
     return 0
