@@ -287,12 +287,20 @@ def cmd_score(args) -> int:
         if ray_requested(args):  # the same job on a Ray cluster (ixc_engine/integrations/ray.py)
             return cmd_score_ray(args)
         return _score_locked(args, out_path)
-    finally:
-        lock.release()
+    finally:  # a job that wrote nothing (e.g. a bad checkpoint) leaves no file behind, its lock file included
+        lock.release(unlink=not out_path.exists())
 
 
 def _score_locked(args, out_path: Path) -> int:
-    from ixc_engine.corpus import JobManifest, LineError, ResultWriter, count_lines, errors_path_for, job_path_for
+    from ixc_engine.corpus import (
+        JobManifest,
+        LineError,
+        ResultWriter,
+        check_not_foreign,
+        count_lines,
+        errors_path_for,
+        job_path_for,
+    )
     from ixc_engine.engine.engine import EngineConfig
     from ixc_engine.formats.source import open_corpus
 
@@ -318,6 +326,8 @@ def _score_locked(args, out_path: Path) -> int:
     if previous is not None and (diff := previous.differences(job)):
         raise ValueError(f"{out_path} holds the results of another job ({'; '.join(diff)}): use --restart to "
                          "score from scratch into it, or choose another -o")
+    check_not_foreign(out_path, "score")  # cheap refusals first, before the model loads
+    check_not_foreign(errors_path_for(out_path), "error")
     engine = None
     if mine and (previous is None or not previous.complete):  # a bad model fails here, before any output file
         engine = _load_engine(args, cfg, job, previous, out_path)

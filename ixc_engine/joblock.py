@@ -24,22 +24,33 @@ class JobLock:
 
         self.path = lock_path_for(scores_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release())
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            owner = fh.read().strip() or "unknown"
+        while True:
+            fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release())
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                owner = fh.read().strip() or "unknown"
+                fh.close()
+                raise ValueError(f"another `ixc-engine score` (pid {owner}) is writing to {Path(scores_path)} (it "
+                                 f"holds {self.path}): wait for it to finish, or choose another -o") from None
+            try:  # the holder may have removed the file before we locked it (release(unlink=True)): lock the new one
+                if os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             fh.close()
-            raise ValueError(f"another `ixc-engine score` (pid {owner}) is writing to {Path(scores_path)} (it holds "
-                             f"{self.path}): wait for it to finish, or choose another -o") from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()}\n")
         fh.flush()
         self._fh = fh
 
-    def release(self) -> None:
+    def release(self, *, unlink: bool = False) -> None:
+        """Drop the lock. unlink=True also removes the lock file (a job that wrote nothing leaves nothing behind); it
+        is removed while still held, and a job that locked the removed file sees that and locks the new one."""
         if self._fh is not None:
-            self._fh.close()  # closing the file drops the flock; the file stays (unlinking it would race a waiter)
+            if unlink:
+                self.path.unlink(missing_ok=True)
+            self._fh.close()  # closing the file drops the flock
             self._fh = None

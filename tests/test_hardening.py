@@ -147,7 +147,7 @@ def test_any_exception_type_in_preparation_is_that_samples_error(tiny_ckpt, monk
     # the worker-process entry point (called here in-process) converts the same way
     monkeypatch.setattr(engine_mod, "prepare_sample", real)
     long_name = Sample(CHAT, ["/tmp/" + "z" * 400 + ".png"], id=9)
-    args = (str(PACKAGED_TOKENIZER), long_name, 9, 1000, False)
+    args = (str(PACKAGED_TOKENIZER), long_name, 9, 1000, engine_mod.MAX_MEDIA, engine_mod.MAX_IMAGE_PIXELS, False)
     out = engine_mod._prepare_worker(args)
     assert isinstance(out, engine_mod.SampleError) and "too long" in str(out).lower()
 
@@ -371,13 +371,13 @@ def test_results_come_batch_by_batch_and_are_on_disk_at_once(tiny_ckpt, tmp_path
     corpus.write_bytes(b"".join(_line({"id": i, "messages": c}) for i, c in enumerate(convs)))
     out = tmp_path / "s.jsonl"
     seen = []
-    real = ScoringEngine._run_batch_once
+    real = ScoringEngine._launch_batch
 
     def spy(self, idx, *a):
         seen.append(len(out.read_bytes().splitlines()) if out.exists() else 0)
         return real(self, idx, *a)
 
-    monkeypatch.setattr(ScoringEngine, "_run_batch_once", spy)
+    monkeypatch.setattr(ScoringEngine, "_launch_batch", spy)
     prepared = []
     real_prepare = ScoringEngine.prepare
 

@@ -250,17 +250,6 @@ class ScoringEngine:
         finally:
             while queued:  # read back what was launched, also when a later launch failed
                 drain()
-        try:
-            for batch in order:
-                launched = self._run_batch([wave[j] for j in batch], preps, hashes, results)
-                if not overlap:
-                    queued += launched
-                while queued:
-                    queued.pop(0)()
-                queued = launched if overlap else []
-        finally:
-            while queued:  # read back what was launched, also when a later launch failed
-                queued.pop(0)()
 
     def _run_batch(self, idx: list[int], preps, hashes, results) -> list:
         """Launch one batch; returns the callables that read its scores back (several after an out-of-memory
