@@ -45,6 +45,11 @@ def validate_messages(messages: object) -> list[dict]:
             raise ValueError(f"messages[{i}]['role'] is {role!r}; it must be one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}]['content'] must be a str, got {type(content).__name__}")  # noqa: TRY004
+        try:  # JSON's "\ud800" decodes to a lone surrogate, which no tokenizer can take: that sample's error
+            content.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"messages[{i}]['content'] holds a lone surrogate {content[exc.start]!r} at character "
+                             f"{exc.start}: not valid Unicode text") from None
         out.append({"role": role, "content": content})
     return out
 
