@@ -52,7 +52,10 @@ def parse_line(text: str, line_no: int, base_dir: Path) -> Sample:
         raise LineError("'images' must be a list of file paths", sid)
     media = [str(p if os.path.isabs(p) else base_dir / p) for p in images]
     try:  # OpenAI / HF content parts -> str content, their media in order (ixc_engine/formats/parts.py)
-        messages, media = flatten_messages(messages, MediaResolver(base_dir=base_dir), media)
+        from ixc_engine.formats.records import media_cell  # a part's payload may be an HF {"bytes", "path"} cell
+
+        resolver = MediaResolver(base_dir=base_dir)
+        messages, media = flatten_messages(messages, lambda r, k: media_cell(r, k, resolver, "payload"), media)
     except PartsError as exc:
         raise LineError(str(exc), sid) from None
     return Sample(messages, media, id=sid)

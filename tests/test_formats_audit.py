@@ -31,3 +31,56 @@ def test_lone_surrogate_in_text_is_that_records_error_not_a_crash(fmt, tiny_ckpt
     scores, errors = _score(corpus, tiny_ckpt, tmp_path / "s.jsonl")
     assert [r["line"] for r in scores] == [1, 3]
     assert [e["line"] for e in errors] == [2] and "surrogate" in errors[0]["error"]
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_parquet_image_column_of_raw_bytes_is_decoded(tiny_ckpt, tmp_path):
+    # hub datasets often store the encoded image as a plain binary column (or a list of them), not as the
+    # `datasets` {"bytes", "path"} struct; those rows used to be "'image' must be a path or a list of paths, got bytes"
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    png = _png_bytes()
+    conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A red box."}]
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    forms = {"struct": pa.array([{"bytes": png, "path": None}], struct), "binary": pa.array([png], pa.binary()),
+             "list": pa.array([[png]], pa.list_(pa.binary()))}
+    got = {}
+    for name, col in forms.items():
+        corpus = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"id": ["a"], "conversations": [conv], "image": col}), corpus)
+        scores, errors = _score(corpus, tiny_ckpt, tmp_path / f"{name}.s.jsonl")
+        assert errors == [] and len(scores) == 1, (name, errors)
+        got[name] = scores[0]["score"]
+    assert got["binary"] == got["struct"] == got["list"]
+
+
+def test_openai_input_image_and_hf_bytes_path_parts_take_their_payload(tiny_ckpt, tmp_path):
+    # OpenAI's Responses API writes {"type": "input_image", "image_url": "<url>"}: the payload under 'image_url' was
+    # ignored ("a input_image part without a payload"); an HF Image cell {"bytes": null, "path"} in an image part was
+    # "image reference must be a string ... got dict"
+    import base64
+
+    (tmp_path / "p.png").write_bytes(_png_bytes())
+    uri = "data:image/png;base64," + base64.b64encode(_png_bytes()).decode()
+
+    def rec(part):
+        return {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "What is it?"}]},
+                             {"role": "assistant", "content": "A red box."}]}
+
+    parts = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "input_image", "image_url": uri},
+             {"type": "image", "image": {"bytes": None, "path": "p.png"}}]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(rec(p)) + "\n" for p in parts))
+    scores, errors = _score(corpus, tiny_ckpt, tmp_path / "s.jsonl")
+    assert errors == [] and [r["line"] for r in scores] == [1, 2, 3]
+    # the same picture in each: the same score up to fp32 rounding of the batch composition
+    assert [r["score"] for r in scores] == pytest.approx([scores[0]["score"]] * 3, rel=1e-5)
