@@ -84,3 +84,35 @@ def test_openai_input_image_and_hf_bytes_path_parts_take_their_payload(tiny_ckpt
     assert errors == [] and [r["line"] for r in scores] == [1, 2, 3]
     # the same picture in each: the same score up to fp32 rounding of the batch composition
     assert [r["score"] for r in scores] == pytest.approx([scores[0]["score"]] * 3, rel=1e-5)
+
+
+def _report_corpus(tmp_path, n=6):
+    corpus = tmp_path / "c.json"
+    corpus.write_text(json.dumps([{"id": f"r{i}", "conversations": [{"from": "human", "value": f"Q{i}?"},
+                                                                      {"from": "gpt", "value": "A."}]}
+                                  for i in range(n)]))
+    return corpus
+
+
+def _write_scores(path, scores):
+    path.write_text("".join(json.dumps({"id": f"r{i}", "score": s, "n_tokens": 10 + i, "line": i + 1}) + "\n"
+                            for i, s in enumerate(scores)))
+
+
+def test_report_survives_non_finite_scores(tmp_path):
+    # a diverged model (or a bf16 overflow) writes NaN / Infinity scores: the report used to die on them ("supplied
+    # range of [-inf, inf] is not finite") or print "nan" quantiles; they are now listed as their own error reason
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("jinja2")
+    from ixc_engine.report.build import build_report
+
+    corpus = _report_corpus(tmp_path)
+    scores = tmp_path / "s.jsonl"
+    _write_scores(scores, [float("inf"), 1.0, float("nan"), 2.0, float("-inf"), 3.0])
+    out = tmp_path / "r.html"
+    summary = build_report(scores, corpus, out, threshold=1.5, k=2)
+    html = out.read_text()
+    assert summary["scored"] == 3 and summary["errors"] == 3
+    assert summary["lowest"] == [2, 4] and summary["highest"] == [6]
+    assert "non-finite score" in html
+    assert ">nan<" not in html.lower() and ">inf<" not in html.lower()

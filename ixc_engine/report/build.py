@@ -262,6 +262,12 @@ def build_report(scores_path, corpus_path, out_path, *, fmt=None, media_root=Non
     scored = read_records(scores_path, "score")
     failed = read_records(errors_path_for(scores_path), "error")
     job = JobManifest.load(job_path_for(scores_path))
+    # a NaN / infinite score (a diverged model, a bf16 overflow) has no place on a histogram or in a quantile: it is
+    # reported as its own error reason and left out of the statistics
+    failed += [{"line": r["line"], "id": r.get("id"), "error": f"non-finite score {r['score']!r} in the scores file"}
+               for r in scored if not math.isfinite(r["score"])]
+    failed.sort(key=lambda r: r["line"])
+    scored = [r for r in scored if math.isfinite(r["score"])]
     if not scored:
         raise ValueError(f"{scores_path} holds no scores: nothing to report")
     total = source.count()
