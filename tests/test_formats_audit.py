@@ -116,3 +116,22 @@ def test_report_survives_non_finite_scores(tmp_path):
     assert summary["lowest"] == [2, 4] and summary["highest"] == [6]
     assert "non-finite score" in html
     assert ">nan<" not in html.lower() and ">inf<" not in html.lower()
+
+
+def test_report_of_a_job_where_every_record_failed(tmp_path):
+    # the report of such a job is where the user learns why (errors by reason); it used to refuse ("holds no scores")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("jinja2")
+    from ixc_engine.report.build import build_report
+
+    corpus = _report_corpus(tmp_path, n=3)
+    scores = tmp_path / "s.jsonl"
+    scores.write_text("")
+    (tmp_path / "s.errors.jsonl").write_text("".join(
+        json.dumps({"id": f"r{i}", "line": i + 1, "error": "<b>missing</b> picture"}) + "\n" for i in range(3)))
+    out = tmp_path / "r.html"
+    summary = build_report(scores, corpus, out, group_by="id", threshold=0.0)
+    html = out.read_text()
+    assert summary["scored"] == 0 and summary["errors"] == 3 and summary["lowest"] == []
+    assert "No record was scored" in html and "&lt;b&gt;missing&lt;/b&gt; picture" in html
+    assert 'id="histogram"' not in html
