@@ -31,6 +31,8 @@ def parse_line(text: str, line_no: int, base_dir: Path) -> Sample:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LineError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:  # json.loads on absurdly deep nesting
+        raise LineError("invalid JSON: nested too deeply to decode") from None
     if not isinstance(obj, dict):
         raise LineError(f"expected a JSON object, got {type(obj).__name__}")
     sid = obj.get("id", line_no)

@@ -135,3 +135,24 @@ def test_report_of_a_job_where_every_record_failed(tmp_path):
     assert summary["scored"] == 0 and summary["errors"] == 3 and summary["lowest"] == []
     assert "No record was scored" in html and "&lt;b&gt;missing&lt;/b&gt; picture" in html
     assert 'id="histogram"' not in html
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet"])
+def test_absurdly_nested_record_is_that_records_error(fmt, tiny_ckpt, tmp_path):
+    # json.loads raises RecursionError (not JSONDecodeError) on deep nesting: it used to end the whole job
+    good = json.dumps({"id": "g", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]})
+    deep_conv = "[" * 100_000 + "]" * 100_000
+    deep = '{"id": "d", "conversations": ' + deep_conv + "}"
+    corpus = tmp_path / f"c.{fmt}"
+    if fmt == "json":
+        corpus.write_text(f"[{good},{deep},{good}]")
+    elif fmt == "jsonl":
+        corpus.write_text(f"{good}\n{deep}\n{good}\n")
+    else:
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        conv = json.dumps(json.loads(good)["conversations"])
+        pq.write_table(pa.table({"id": ["g", "d", "g"], "conversations": [conv, deep_conv, conv]}), corpus)
+    scores, errors = _score(corpus, tiny_ckpt, tmp_path / "s.jsonl")
+    assert [r["line"] for r in scores] == [1, 3]
+    assert [e["line"] for e in errors] == [2] and "nested too deeply" in errors[0]["error"]

@@ -175,6 +175,9 @@ def decode_span(span: Span):
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON: {exc.msg} at character {exc.pos + 1} of the record (which starts at byte "
                          f"{span.start} of the file)") from None
+    except RecursionError:  # json.loads on absurdly deep nesting
+        raise ValueError(f"invalid JSON: the record (which starts at byte {span.start} of the file) is nested too "
+                         "deeply to decode") from None
 
 
 def count_elements(path: str | Path) -> int:
