@@ -156,3 +156,18 @@ def test_absurdly_nested_record_is_that_records_error(fmt, tiny_ckpt, tmp_path):
     scores, errors = _score(corpus, tiny_ckpt, tmp_path / "s.jsonl")
     assert [r["line"] for r in scores] == [1, 3]
     assert [e["line"] for e in errors] == [2] and "nested too deeply" in errors[0]["error"]
+
+
+def test_json_array_missing_comma_loses_only_the_record_after_it(tiny_ckpt, tmp_path):
+    # `[{..}{..},{..}]`: the records after a missing ',' were all one error record; now only the one right after it
+    conv = [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]
+    g = [json.dumps({"id": f"g{i}", "conversations": conv}) for i in range(4)]
+    corpus = tmp_path / "c.json"
+    corpus.write_text(f"[{g[0]}\n {g[1]}, {g[2]},{g[3]}]")
+    scores, errors = _score(corpus, tiny_ckpt, tmp_path / "s.jsonl")
+    assert [(r["line"], r["id"]) for r in scores] == [(1, "g0"), (3, "g2"), (4, "g3")]
+    assert [e["line"] for e in errors] == [2] and "missing ','" in errors[0]["error"]
+    out = tmp_path / "clean.json"
+    assert main(["filter", str(corpus), "--scores", str(tmp_path / "s.jsonl"), "--min-score=-1e30",
+                 "-o", str(out)]) == 0
+    assert [r["id"] for r in json.loads(out.read_text())] == ["g0", "g2", "g3"]
