@@ -63,7 +63,9 @@ def parse_line(text: str, line_no: int, base_dir: Path) -> Sample:
     except json.JSONDecodeError as exc:
         # some messages end in "at" ("Unterminated string starting at"): no "at at column"
         raise LineError(f"invalid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}") from None
-    except (ValueError, RecursionError) as exc:  # e.g. an integer of over 4300 digits, nesting too deep to decode
+    except RecursionError:  # json.loads on absurdly deep nesting
+        raise LineError("invalid JSON: nested too deeply to decode") from None
+    except ValueError as exc:  # e.g. an integer of over 4300 digits
         raise LineError(f"invalid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(obj, dict):
         raise LineError(f"expected a JSON object, got {type(obj).__name__}")
@@ -93,7 +95,10 @@ def parse_line(text: str, line_no: int, base_dir: Path) -> Sample:
     warnings = [f"key {key!a} is not read (media go in 'images'): its value is ignored"
                 for key in obj if key not in _KNOWN_KEYS and _MEDIA_LIKE_KEY.search(key)]
     try:  # OpenAI / HF content parts -> str content, their media in order (ixc_engine/formats/parts.py)
-        messages, media = flatten_messages(messages, MediaResolver(base_dir=base_dir), media)
+        from ixc_engine.formats.records import media_cell  # a part's payload may be an HF {"bytes", "path"} cell
+
+        resolver = MediaResolver(base_dir=base_dir)
+        messages, media = flatten_messages(messages, lambda r, k: media_cell(r, k, resolver, "payload"), media)
     except PartsError as exc:
         raise LineError(str(exc), sid) from None
     return Sample(messages, media, id=sid, warnings=warnings)

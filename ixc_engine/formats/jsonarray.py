@@ -90,6 +90,7 @@ def iter_spans(path: str | Path) -> Iterator[Span]:
                            f"invalid JSON array: text after the closing ']' at byte {r.base + rest}")
             return
         index = 0
+        no_comma = None  # byte offset of a missing ',' before this element
         while True:
             index += 1
             pos = r.trim(pos)
@@ -97,7 +98,13 @@ def iter_spans(path: str | Path) -> Iterator[Span]:
             if err is not None:
                 yield Span(index, r.base + pos, r.base + len(r.buf), r.buf[pos:], f"invalid JSON array: {err}")
                 return
-            yield Span(index, r.base + pos, r.base + end, r.buf[pos:end])
+            if no_comma is not None:  # only this element is lost: the scan goes on after it
+                yield Span(index, r.base + pos, r.base + end, r.buf[pos:end],
+                           f"invalid JSON array: missing ',' between records {index - 1} and {index} at byte "
+                           f"{no_comma}")
+                no_comma = None
+            else:
+                yield Span(index, r.base + pos, r.base + end, r.buf[pos:end])
             pos = r.skip_ws(end)
             sep = r.buf[pos:pos + 1]
             if sep == b",":
@@ -117,6 +124,9 @@ def iter_spans(path: str | Path) -> Iterator[Span]:
                     yield Span(index + 1, r.base + rest, r.base + len(r.buf), r.buf[rest:],
                                f"invalid JSON array: text after the closing ']' at byte {r.base + rest}")
                 return
+            if sep in (b"{", b"["):  # a missing comma between two objects (or arrays): that record is an error
+                no_comma = r.base + pos
+                continue
             msg = "the file ends before the array's closing ']'" if not sep else \
                 f"expected ',' or ']' after record {index} at byte {r.base + pos}, found {sep!r}"
             yield Span(index + 1, r.base + pos, r.base + len(r.buf), r.buf[pos:], f"invalid JSON array: {msg}")
@@ -175,6 +185,9 @@ def decode_span(span: Span):
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON: {exc.msg} at character {exc.pos + 1} of the record (which starts at byte "
                          f"{span.start} of the file)") from None
+    except RecursionError:  # json.loads on absurdly deep nesting
+        raise ValueError(f"invalid JSON: the record (which starts at byte {span.start} of the file) is nested too "
+                         "deeply to decode") from None
 
 
 def count_elements(path: str | Path) -> int:

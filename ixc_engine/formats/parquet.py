@@ -45,6 +45,8 @@ def _decode_row(row: dict) -> dict | LineError:
             except json.JSONDecodeError as exc:
                 return LineError(f"column {key!r} holds a string that is not JSON ({exc.msg} at character "
                                  f"{exc.pos + 1})", row.get("id"))
+            except RecursionError:  # json.loads on absurdly deep nesting
+                return LineError(f"column {key!r} holds JSON nested too deeply to decode", row.get("id"))
     return row
 
 

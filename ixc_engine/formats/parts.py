@@ -175,6 +175,8 @@ def flatten_messages(
                 payload = part.get(ptype)
                 if payload is None and ptype == "image":
                     payload = part.get("url") or part.get("path")
+                if payload is None and ptype == "input_image":  # OpenAI Responses: {"type": "input_image", "image_url"}
+                    payload = part.get("image_url")
                 try:
                     if payload is None:
                         if taken >= len(external):

@@ -36,7 +36,7 @@ def _media_list(value, field: str, sid) -> list:
     """A record's media field: None, one reference, or a list of them (str paths, or {"bytes", "path"} cells)."""
     if value is None:
         return []
-    if isinstance(value, (str, Mapping, MediaBytes)):
+    if isinstance(value, (str, Mapping, MediaBytes, bytes, bytearray, memoryview)):  # bytes: a binary image column
         return [value]
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         return list(value)
@@ -48,6 +48,8 @@ def media_cell(ref, kind: str | None, resolver: MediaResolver, where: str):
     Parquet / HF ``{"bytes", "path"}`` cell (decoded from the bytes in memory; the path only names it)."""
     if isinstance(ref, MediaBytes):
         return ref
+    if isinstance(ref, (bytes, bytearray, memoryview)):  # a plain binary Parquet column holds the encoded file
+        ref = {"bytes": ref, "path": None}
     if isinstance(ref, Mapping) and ("bytes" in ref or "path" in ref) and "url" not in ref:
         data, name = ref.get("bytes"), ref.get("path")
         if data is not None:
@@ -109,6 +111,10 @@ def parse_record(obj, index: int, resolver: MediaResolver) -> Sample:
     if not isinstance(obj, Mapping):
         raise LineError(f"expected a JSON object, got {type(obj).__name__}")
     sid = obj.get("id", index)  # as corpus.parse_line: an explicit null id stays null
+
+    def part_resolver(ref, kind):  # a part's payload may be an HF {"bytes", "path"} cell too
+        return media_cell(ref, kind, resolver, "payload")
+
     try:
         if obj.get("messages") is None and obj.get("conversation") is None and "conversations" in obj:
             messages = _llava_messages(obj["conversations"], sid)
@@ -117,7 +123,7 @@ def parse_record(obj, index: int, resolver: MediaResolver) -> Sample:
             videos = [media_cell(r, "video", resolver, f"video[{k}]")
                       for k, r in enumerate(_media_list(obj.get("video", obj.get("videos")), "video", sid))]
             messages, media = _place_llava_media(messages, images, videos, sid)
-            return Sample(*flatten_messages(messages, resolver, media), id=sid)
+            return Sample(*flatten_messages(messages, part_resolver, media), id=sid)
         messages = obj.get("messages", obj.get("conversation"))
         if messages is None:
             raise LineError("missing field 'messages' (or its aliases 'conversation', 'conversations')", sid)
@@ -129,7 +135,7 @@ def parse_record(obj, index: int, resolver: MediaResolver) -> Sample:
         if any(isinstance(r, str) and not r for r in refs):
             raise LineError(f"'{field}' holds an empty path", sid)
         external = [media_cell(r, None, resolver, f"{field}[{k}]") for k, r in enumerate(refs)]
-        messages, media = flatten_messages(messages, resolver, external)
+        messages, media = flatten_messages(messages, part_resolver, external)
     except PartsError as exc:
         raise LineError(str(exc), sid) from None
     return Sample(messages, media, id=sid)

@@ -126,6 +126,8 @@ def _jsonl_objects(path: Path, wanted) -> Iterator[tuple[int, object]]:
                 yield line_no, json.loads(text)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 yield line_no, LineError(f"not a JSON line ({exc})")
+            except RecursionError:
+                yield line_no, LineError("not a JSON line (nested too deeply to decode)")
 
 
 def open_corpus(path: str | Path, format: str | None = None, media_root: str | Path | None = None) -> CorpusSource:

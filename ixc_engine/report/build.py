@@ -262,8 +262,14 @@ def build_report(scores_path, corpus_path, out_path, *, fmt=None, media_root=Non
     scored = read_records(scores_path, "score")
     failed = read_records(errors_path_for(scores_path), "error")
     job = JobManifest.load(job_path_for(scores_path))
-    if not scored:
-        raise ValueError(f"{scores_path} holds no scores: nothing to report")
+    # a NaN / infinite score (a diverged model, a bf16 overflow) has no place on a histogram or in a quantile: it is
+    # reported as its own error reason and left out of the statistics
+    failed += [{"line": r["line"], "id": r.get("id"), "error": f"non-finite score {r['score']!r} in the scores file"}
+               for r in scored if not math.isfinite(r["score"])]
+    failed.sort(key=lambda r: r["line"])
+    scored = [r for r in scored if math.isfinite(r["score"])]
+    if not scored and not failed:
+        raise ValueError(f"{scores_path} holds no scores and no errors: nothing to report")
     total = source.count()
     by_line = {r["line"]: r for r in scored}
     stray = sorted(ln for ln in (*by_line, *(r["line"] for r in failed)) if not 1 <= ln <= total)
@@ -292,7 +298,7 @@ def build_report(scores_path, corpus_path, out_path, *, fmt=None, media_root=Non
         for ln, obj in source.objects():
             groups[ln] = "(unreadable record)" if isinstance(obj, LineError) else field_value(obj, group_by)
 
-    s = np.array([r["score"] for r in scored], dtype=np.float64)
+    s = np.array([r["score"] for r in scored] or [0.0], dtype=np.float64)  # all errors: no statistics are shown
     n_tok = np.array([r.get("n_tokens") or 0 for r in scored], dtype=np.float64)
     pearson, spearman = correlations(s, n_tok)
     quant = [{"q": f"{q:.0%}" if 0 < q < 1 else ("min" if q == 0 else "max"), "v": _fmt(float(np.quantile(s, q)))}
@@ -319,7 +325,7 @@ def build_report(scores_path, corpus_path, out_path, *, fmt=None, media_root=Non
                         "dropped": f"{np.mean(v < threshold):.1%}" if threshold is not None else None}
             group_rows.append(row)
         shown = [(g, np.array(per[g])) for g in sorted(per, key=lambda g: (-len(per[g]), g))[:MAX_GROUPS]]
-        group_plot = plot_groups(shown, threshold)
+        group_plot = plot_groups(shown, threshold) if shown else None
 
     root = source.media_root
     env = jinja2.Environment(loader=jinja2.PackageLoader("ixc_engine.report", "templates"),
@@ -335,8 +341,9 @@ def build_report(scores_path, corpus_path, out_path, *, fmt=None, media_root=Non
         "dropped": None if threshold is None else int(np.sum(s < threshold)),
         "dropped_frac": None if threshold is None else f"{np.mean(s < threshold):.1%}",
         "pearson": _fmt(pearson, 3), "spearman": _fmt(spearman, 3),
-        "hist": plot_histogram(s, threshold), "kept_curve": plot_kept_curve(s, threshold),
-        "length_plot": plot_length(s, n_tok, pearson, spearman),
+        "hist": plot_histogram(s, threshold) if scored else None,
+        "kept_curve": plot_kept_curve(s, threshold) if scored else None,
+        "length_plot": plot_length(s, n_tok, pearson, spearman) if scored else None,
         "group_by": group_by, "group_rows": group_rows, "group_plot": group_plot,
         "errors": error_rows, "k": k,
         "low": [_card(i + 1, r, samples[r["line"]], groups.get(r["line"]), root)
