@@ -99,23 +99,18 @@ def _write_scores(path, scores):
                             for i, s in enumerate(scores)))
 
 
-def test_report_survives_non_finite_scores(tmp_path):
-    # a diverged model (or a bf16 overflow) writes NaN / Infinity scores: the report used to die on them ("supplied
-    # range of [-inf, inf] is not finite") or print "nan" quantiles; they are now listed as their own error reason
+def test_report_refuses_non_finite_scores_clearly(tmp_path):
+    # `score` writes strict JSON and makes a non-finite score an error record, so NaN / Infinity in a scores file means
+    # it was not written by `score` (or was edited): the report names the file and line instead of plotting junk
     pytest.importorskip("matplotlib")
     pytest.importorskip("jinja2")
     from ixc_engine.report.build import build_report
 
     corpus = _report_corpus(tmp_path)
     scores = tmp_path / "s.jsonl"
-    _write_scores(scores, [float("inf"), 1.0, float("nan"), 2.0, float("-inf"), 3.0])
-    out = tmp_path / "r.html"
-    summary = build_report(scores, corpus, out, threshold=1.5, k=2)
-    html = out.read_text()
-    assert summary["scored"] == 3 and summary["errors"] == 3
-    assert summary["lowest"] == [2, 4] and summary["highest"] == [6]
-    assert "non-finite score" in html
-    assert ">nan<" not in html.lower() and ">inf<" not in html.lower()
+    _write_scores(scores, [1.0, float("inf"), 2.0, float("nan"), 3.0, 4.0])
+    with pytest.raises(ValueError, match=r"s\.jsonl:2: not a score record"):
+        build_report(scores, corpus, tmp_path / "r.html", threshold=1.5, k=2)
 
 
 def test_report_of_a_job_where_every_record_failed(tmp_path):

@@ -103,7 +103,7 @@ def test_a_lone_surrogate_is_a_per_sample_error_of_the_engine(demo_ref):
              [{"role": "user", "content": "hi \udc80"}, {"role": "assistant", "content": "yes"}]]
     res = list(demo_ref.score_stream([Sample(c, [], id=i) for i, c in enumerate(convs)]))
     assert res[0].error is None and res[0].score == pytest.approx(demo_ref.score(convs[:1])[0], abs=1e-5)
-    assert "messages[0]['content'] is not valid text" in res[1].error and "surrogate" in res[1].error
+    assert "messages[0]['content'] holds a lone UTF-16 surrogate" in res[1].error and "surrogate" in res[1].error
 
 
 def _children(pid: int) -> list[int]:
