@@ -96,13 +96,13 @@ def run(corpus: Path, model: str, out: Path, extra: list[str], meter: CpuMeter, 
     cpu0 = meter.total()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
-    _, err = p.communicate()
+    out, err = p.communicate()
     wall = time.perf_counter() - t0
     time.sleep(0.3)  # let the sampler see the actors' last ticks before they are reaped
     meter.sample()
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    summary = json.loads([x for x in err.splitlines() if x.startswith('{"scored"')][-1])
+    summary = json.loads([x for x in out.splitlines() if x.startswith('{"scored"')][-1])  # the summary is on stdout
     return wall, meter.total() - cpu0, summary
 
 

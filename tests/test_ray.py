@@ -72,7 +72,7 @@ def test_ray_job_equals_local_job(cluster, job, tmp_path, capsys):
     assert main(["score", str(corpus), "--model", str(model), "-o", str(out), "--ray", "--ray-batch-size", "3",
                  "--no-progress"]) == 0
     assert_same_results(out, local)
-    s = summary(capsys.readouterr().err)
+    s = summary(capsys.readouterr().out)
     assert (s["scored"], s["errors"], s["duplicates_dropped"]) == (16, 6, 0)
     # Neighbours share prefixes inside the scoring actor (the system prompt at least); every scored token is either
     # computed or reused.
@@ -80,7 +80,7 @@ def test_ray_job_equals_local_job(cluster, job, tmp_path, capsys):
     assert s["tokens_computed"] + s["prefix_tokens_reused"] == sum(r["n_tokens"] for r in local[0])
     # The finished job is not redone, by --ray or locally: the job file is the same.
     assert main(["score", str(corpus), "--model", str(model), "-o", str(out), "--no-progress"]) == 0
-    assert summary(capsys.readouterr().err)["skipped_already_done"] == N_LINES
+    assert summary(capsys.readouterr().out)["skipped_already_done"] == N_LINES
 
 
 def _wait_for(cond, proc, timeout=240.0, poll=0.02):
@@ -111,12 +111,12 @@ def test_killed_scoring_actor_is_restarted_and_nothing_doubles(cluster, job, tmp
     while proc.poll() is None and not restarted:  # Ray starts a new scoring actor process
         restarted = set(pids_of(b"MapBatches(Score)")) - before - {victim}
         time.sleep(0.02)
-    _, err = proc.communicate(timeout=300)
+    out_text, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert at_kill < N_LINES, "the job ended before the kill"
     assert restarted, "no new scoring actor was seen after the kill"
     assert_same_results(out, local)
-    assert summary(err)["duplicates_dropped"] == 0
+    assert summary(out_text)["duplicates_dropped"] == 0
 
 
 def test_killed_driver_resumes_without_rescoring(cluster, job, tmp_path, capsys):
@@ -133,7 +133,7 @@ def test_killed_driver_resumes_without_rescoring(cluster, job, tmp_path, capsys)
     job_file = json.loads(out.with_name("scores.job.json").read_text())
     assert not job_file["complete"]
     assert main(args) == 0  # the same command (in this process, on the module's Ray instance)
-    s = summary(capsys.readouterr().err)
+    s = summary(capsys.readouterr().out)
     assert s["skipped_already_done"] == done and s["scored"] + s["errors"] == N_LINES - done
     assert_same_results(out, local)
 

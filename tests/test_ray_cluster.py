@@ -73,4 +73,4 @@ def test_two_nodes_equal_local_job_with_a_preparation_actor_killed_mid_batch(two
     assert "at_kill" in seen and "gone" not in seen and seen["at_kill"] < N_LINES, seen
     assert seen.get("restarted"), "no new preparation actor was seen after the kill"
     assert_same_results(out, local)
-    assert summary(capsys.readouterr().err)["duplicates_dropped"] == 0
+    assert summary(capsys.readouterr().out)["duplicates_dropped"] == 0

@@ -371,7 +371,9 @@ def _ray_settings(args, ray) -> dict:
     if args.device is not None and gpus == 0 and args.device != "cpu":
         raise ValueError(f"--device {args.device} needs GPUs per actor: pass --ray-gpus-per-actor 1")
     device = "cuda" if gpus > 0 else "cpu"
-    dtype = args.dtype or ("bfloat16" if gpus > 0 else "float32")
+    # "auto" (the CLI default): bf16 on GPU actors, fp32 on CPU ones. The CPU probe of `auto` would run on each actor's
+    # own machine, while the job file needs one dtype before any actor starts.
+    dtype = args.dtype if args.dtype not in (None, "auto") else ("bfloat16" if gpus > 0 else "float32")
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPE_NAMES)}")
     settings = {"gpus_per_actor": gpus, "device": device, "dtype": _DTYPE_NAMES[dtype],
@@ -447,7 +449,7 @@ def cmd_score_ray(args, reader=None) -> int:
             job.scored = len(done) - job.errors
             job.save(job_path)
             print(json.dumps({"scored": 0, "errors": 0, "skipped_already_done": len(done), "scores": str(out_path),
-                              "errors_file": str(writer.errors_path)}), file=sys.stderr)
+                              "errors_file": str(writer.errors_path)}))  # the summary on stdout, as the local job
             return 0
         rows = []
         for ln, item in reader(args.corpus, shard=args.shard):
@@ -569,5 +571,5 @@ def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, setti
         "prefix_tokens_reused": reused, "duplicates_dropped": duplicates,
         "ray": {k: settings[k] for k in ("actors", "gpus_per_actor", "cpus_per_actor", "prep_actors", "batch_size")},
         "scores": str(out_path), "errors_file": str(writer.errors_path),
-    }), file=sys.stderr)
+    }))  # the summary on stdout (progress and logs on stderr), as the local job
     return 0
