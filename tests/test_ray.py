@@ -19,12 +19,14 @@ from ixc_engine.cli import main
 from ixc_engine.integrations.ray import decode_prepared, encode_prepared, sample_rows
 from tests.ray_common import (
     N_LINES,
+    TOL,
     assert_same_results,
     cli_process,
     lines_written,
     local_results,
     make_corpus,
     pids_of,
+    read,
     summary,
 )
 
@@ -146,3 +148,40 @@ def test_ray_options_need_ray(job, tmp_path, capsys):
     assert main(["score", str(corpus), "--model", str(model), "-o", str(tmp_path / "s.jsonl"), "--ray", "--workers",
                  "2"]) == 2
     assert "use --ray-prep-cpus" in capsys.readouterr().err
+
+
+def test_ray_reads_every_local_format_with_in_memory_media(cluster, tiny_ckpt, tmp_path, capsys):
+    """A LLaVA JSON array whose picture is a data: URI, and Parquet with image bytes: the same records as the local
+    job (the encoded bytes cross the object store; nothing is written to disk)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    buf = io.BytesIO()
+    Image.new("RGB", (90, 60), (10, 120, 200)).save(buf, format="PNG")
+    png = buf.getvalue()
+    uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    conv = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Blue."}]
+    records = [{"id": "t", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+               {"id": "p", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                                     {"type": "text", "text": "What colour?"}]},
+                                        {"role": "assistant", "content": "Blue."}]},
+               {"id": "bad", "conversations": [{"from": "narrator", "value": "?"}]}]
+    corpora = {"json": tmp_path / "c.json", "parquet": tmp_path / "c.parquet"}
+    corpora["json"].write_text(json.dumps(records))
+    pq.write_table(pa.table({"id": ["a", "b"], "conversations": [json.dumps(conv)] * 2,
+                             "image": [{"bytes": png, "path": "x.png"}, {"bytes": png, "path": "y.png"}]}),
+                   corpora["parquet"])
+    for fmt, corpus in corpora.items():
+        local, remote = tmp_path / f"{fmt}-local.jsonl", tmp_path / f"{fmt}-ray.jsonl"
+        assert main(["score", str(corpus), "--model", str(tiny_ckpt), "-o", str(local), "--no-progress"]) == 0
+        assert main(["score", str(corpus), "--model", str(tiny_ckpt), "-o", str(remote), "--ray", "--no-progress"]) == 0
+        a, b = read(local), read(remote)
+        assert [(r["line"], r["id"], r["n_tokens"]) for r in a] == [(r["line"], r["id"], r["n_tokens"]) for r in b]
+        assert a and max(abs(x["score"] - y["score"]) for x, y in zip(a, b)) < TOL
+        err = lambda p: read(p.with_name(p.name.replace(".jsonl", ".errors.jsonl")))
+        assert err(local) == err(remote)
+    capsys.readouterr()

@@ -32,6 +32,7 @@ Nothing here imports Ray at module import time; the engine never imports this mo
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import os
@@ -52,19 +53,31 @@ _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
 def sample_rows(items: Iterable[tuple[int, Any]]) -> Iterator[dict]:
     """Input rows of `Prepare` from (index, Sample | SampleError) pairs, as `read_corpus` yields them."""
     from ixc_engine.engine.sequence import Sample, SampleError
+    from ixc_engine.media.loader import MediaBytes
 
     for index, item in items:
         if isinstance(item, Sample):
+            media = []
             for m in item.media:
-                if not isinstance(m, (str, os.PathLike)):
-                    raise TypeError(f"record {index}: media must be file paths to cross the cluster, got "
-                                    f"{type(m).__name__}")
-            obj = {"messages": item.messages, "media": [str(m) for m in item.media], "id": item.id}
+                if isinstance(m, MediaBytes):  # a data: URI or a Parquet image cell: the encoded bytes travel
+                    media.append({"b64": base64.b64encode(m.data).decode("ascii"), "kind": m.kind, "name": m.name})
+                elif isinstance(m, (str, os.PathLike)):
+                    media.append(str(m))
+                else:
+                    raise TypeError(f"record {index}: media must be file paths or MediaBytes to cross the cluster, "
+                                    f"got {type(m).__name__}")
+            obj = {"messages": item.messages, "media": media, "id": item.id, "warnings": list(item.warnings)}
         elif isinstance(item, SampleError):
             obj = {"error": str(item), "id": getattr(item, "sample_id", None)}
         else:
             raise TypeError(f"record {index}: expected a Sample or SampleError, got {type(item).__name__}")
         yield {"index": int(index), "sample": json.dumps(obj)}
+
+
+def _media_item(m):
+    from ixc_engine.media.loader import MediaBytes
+
+    return MediaBytes(base64.b64decode(m["b64"]), m["kind"], m["name"]) if isinstance(m, dict) else m
 
 
 def _column(batch, name: str) -> list:
@@ -194,8 +207,10 @@ class Prepare:
                 meta = json.dumps({"id": obj.get("id"), "error": obj["error"]})
             else:
                 try:
-                    p = prepare_sample(self.tokenizer, Sample(obj["messages"], obj["media"], id=obj["id"]),
-                                       hd_num=self.hd_num, max_length=self.max_length, media_cache=media_cache)
+                    sample = Sample(obj["messages"], [_media_item(m) for m in obj["media"]], id=obj["id"],
+                                    warnings=obj.get("warnings", []))
+                    p = prepare_sample(self.tokenizer, sample, hd_num=self.hd_num, max_length=self.max_length,
+                                       media_cache=media_cache)
                     meta, tokens, pixels = encode_prepared(p)
                 except SampleError as exc:
                     meta = json.dumps({"id": obj["id"], "error": str(exc)})
@@ -407,10 +422,11 @@ def cmd_score_ray(args, reader=None) -> int:
         count_lines,
         errors_path_for,
         job_path_for,
-        read_corpus,
     )
+    from ixc_engine.formats.source import open_corpus
 
-    reader = reader or read_corpus
+    source = open_corpus(args.corpus, getattr(args, "format", None), getattr(args, "media_root", None))
+    reader = reader or (lambda _path, shard: source.records(shard=shard))
     try:
         import ray
         import ray.data
@@ -425,7 +441,7 @@ def cmd_score_ray(args, reader=None) -> int:
     out_path = shard_output(args.output, args.shard)
     job_path = job_path_for(out_path)
     _check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
-    total_lines = count_lines(args.corpus)
+    total_lines = source.count()
     i, n = args.shard
     mine = len(range(i, total_lines, n))
     job = JobManifest(corpus=str(args.corpus.resolve()), model=_model_key(args.model), hd_num=args.hd_num,
