@@ -185,3 +185,11 @@ def test_ray_reads_every_local_format_with_in_memory_media(cluster, tiny_ckpt, t
         err = lambda p: read(p.with_name(p.name.replace(".jsonl", ".errors.jsonl")))
         assert err(local) == err(remote)
     capsys.readouterr()
+
+
+def test_ray_refuses_local_only_flags(tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    for flag in ("--strict", "--escape-special-tokens"):
+        assert main(["score", str(corpus), "--model", "x", "-o", str(tmp_path / "s.jsonl"), "--ray", flag]) == 2
+        assert f"{flag} is not supported with --ray" in capsys.readouterr().err

@@ -435,6 +435,10 @@ def cmd_score_ray(args, reader=None) -> int:
     if args.workers:
         raise ValueError("--workers is the local job's preparation; with --ray, preparation runs in Ray actors: "
                          "use --ray-prep-cpus")
+    for flag in ("strict", "escape_special_tokens"):  # not carried through the Ray stages yet: refuse, never ignore
+        if getattr(args, flag, False):
+            raise ValueError(f"--{flag.replace('_', '-')} is not supported with --ray yet: run the job locally (or "
+                             "with --shard) to use it")
     if not args.corpus.is_file():
         print(f"error: corpus {args.corpus} not found", file=sys.stderr)
         return 2
