@@ -13,7 +13,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
@@ -25,13 +24,7 @@ from ixc_engine.api import RewardEngine
 from ixc_engine.engine.engine import EngineConfig
 from ixc_engine.serve.app import ServeConfig, create_app
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Server:

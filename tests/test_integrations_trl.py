@@ -21,13 +21,7 @@ from ixc_engine.integrations.trl import IXCReward
 from ixc_engine.serve.chat import render_chat
 from tests.serve_support import DEMO
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
