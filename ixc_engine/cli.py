@@ -287,8 +287,8 @@ def cmd_score(args) -> int:
         if ray_requested(args):  # the same job on a Ray cluster (ixc_engine/integrations/ray.py)
             return cmd_score_ray(args)
         return _score_locked(args, out_path)
-    finally:  # a job that wrote nothing (e.g. a bad checkpoint) leaves no file behind, its lock file included
-        lock.release(unlink=not out_path.exists())
+    finally:
+        lock.release()
 
 
 def _score_locked(args, out_path: Path) -> int:

@@ -34,7 +34,7 @@ class JobLock:
                 fh.close()
                 raise ValueError(f"another `ixc-engine score` (pid {owner}) is writing to {Path(scores_path)} (it "
                                  f"holds {self.path}): wait for it to finish, or choose another -o") from None
-            try:  # the holder may have removed the file before we locked it (release(unlink=True)): lock the new one
+            try:  # the holder may have removed the file before we locked it (release()): lock the new one
                 if os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino:
                     break
             except FileNotFoundError:
@@ -46,11 +46,11 @@ class JobLock:
         fh.flush()
         self._fh = fh
 
-    def release(self, *, unlink: bool = False) -> None:
-        """Drop the lock. unlink=True also removes the lock file (a job that wrote nothing leaves nothing behind); it
-        is removed while still held, and a job that locked the removed file sees that and locks the new one."""
+    def release(self) -> None:
+        """Drop the lock and remove the lock file (a finished or failed job leaves no lock file behind). It is removed
+        while still held; a job that had opened the old file sees, once it holds the lock, that the path is gone or
+        is another file, and locks the new one (see __init__), so two jobs never hold "the" lock at once."""
         if self._fh is not None:
-            if unlink:
-                self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
             self._fh.close()  # closing the file drops the flock
             self._fh = None
