@@ -22,7 +22,9 @@ httpx = pytest.importorskip("httpx")
 from ixc_engine.api import Sample
 from ixc_engine.serve.batcher import Batcher, BatcherConfig
 from tests.serve_support import ServerProcess, free_port
-from tests.test_serve import engine, one_thread, serve  # noqa: F401 - fixtures and helpers of the serving tests
+from tests.test_serve import engine, serve  # noqa: F401 - fixtures and helpers of the serving tests
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GOOD = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
 LONE = "<|im_start|>user\n\ud800hi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
