@@ -413,7 +413,9 @@ def test_ctrl_c_during_start_up_exits_130_without_traceback(tiny_ckpt, tmp_path)
     time.sleep(1.0)  # importing torch, or loading the model
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    # 130, or death by SIGINT after the handler ran (seen once in a fresh clone: "interrupted" printed, status -2);
+    # a shell shows 130 for both
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert "Traceback" not in err and "interrupted" in err
 
 
