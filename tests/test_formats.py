@@ -140,6 +140,9 @@ def test_json_array_scanner_agrees_with_json_module(tmp_path, monkeypatch):
     (b'[1 2]', [1, "!expected ',' or ']' after record 1"]),
     (b'[1] x', [1, "!text after the closing ']'"]),
     (b'["abc', ["!ends inside a string"]),
+    (b'[', ["!ends before the array's closing ']'"]),
+    (b'[ \n', ["!ends before the array's closing ']'"]),
+    (b'[1,', [1, "!ends before the array's closing ']'"]),
     (b'\xef\xbb\xbf [ ] ', []),
     (b'[{"a": "\\"]"}, "\xc3\xbf", {"b": "\xff"}]', [{"a": '"]'}, "\xff", "!not valid UTF-8"]),
 ])

@@ -58,6 +58,26 @@ def test_device_side_normalisation_equals_the_host_path(dtype):
     assert torch.equal(normalize_uint8(every_byte)[0], ref)
 
 
+def test_a_cpu_model_gets_dense_crops_and_the_same_scores(tiny_ckpt, photo, monkeypatch):
+    """Inline preparation for a CPU model normalises the sub-crops once (dense float32), not once for the global view
+    and again in the runner; the ViT input and the scores equal the compact path's bit for bit."""
+    img = _noise(777, 523, seed=5)
+    dense, compact = process_image(img, 9, compact=False), process_image(img, 9)
+    assert not dense.compact and compact.compact
+    assert torch.equal(dense.pixel_values, compact.pixel_values)
+    eng = RewardEngine.from_pretrained(tiny_ckpt, device="cpu")
+    prep = eng.engine.prepare(_samples(photo)[1:2])[0]
+    assert not prep.media[0].compact
+    got = [r.score for r in eng.score_stream(_samples(photo))]
+    import ixc_engine.engine.sequence as seq
+
+    real = seq.load_media
+    monkeypatch.setattr(seq, "load_media", lambda *a, **kw: real(*a, **{**kw, "compact": True}))
+    eng2 = RewardEngine.from_pretrained(tiny_ckpt, device="cpu")
+    assert eng2.engine.prepare(_samples(photo)[1:2])[0].media[0].compact
+    assert [r.score for r in eng2.score_stream(_samples(photo))] == got
+
+
 def test_compact_crops_survive_pickling_to_workers():
     import pickle
 

@@ -217,3 +217,23 @@ def test_error_classes_and_rank_correlation():
     p, s = correlations(x, x ** 3)
     assert s == pytest.approx(1.0) and 0.9 < p < 1.0
     assert correlations(x, np.ones(10)) == (None, None)
+
+
+def test_scores_near_the_float64_limit_give_statistics_and_no_plots(tmp_path):
+    """Finite scores whose span overflows float64 (an edited file): mean, std and correlations are still computed,
+    and the page says why it has no plots instead of failing."""
+    import warnings
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "messages": [{"role": "user", "content": "q"}]}) + "\n"
+                              for i in range(4)))
+    scores = tmp_path / "s.jsonl"
+    scores.write_text("".join(json.dumps({"id": i, "score": x, "n_tokens": 9 + i, "line": i + 1}) + "\n"
+                              for i, x in enumerate([1e308, -1e308, 0.5, 0.1])))
+    out = tmp_path / "r.html"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow on the way
+        assert main(["report", str(scores), "--corpus", str(corpus), "-o", str(out), "--group-by", "id"]) == 0
+    html = out.read_text()
+    assert "No plots: the scores span more than the largest" in html and "<img" not in html
+    assert "0.15 ± 7.071e+307" in html  # mean (1e308 - 1e308 + 0.6) / 4; std sqrt(2 / 4) * 1e308

@@ -78,13 +78,15 @@ def _too_long(n_tokens: int, max_length: int, at_least: bool = False) -> SampleE
 def prepare_sample(
     tokenizer: Tokenizer, sample: Sample, *, hd_num: int, max_length: int, media_cache: dict | None = None,
     max_media: int = MAX_MEDIA, max_pixels: int | None = MAX_IMAGE_PIXELS, escape_special: bool = False,
+    compact_media: bool = True,
 ) -> PreparedSample:
     """Validate, template and tokenize, load and crop media. Raises SampleError with a clear reason.
 
     Cheap checks come first, so that a hostile sample costs little to reject: the number of media (at most
     max_media), then each item's pixels (at most max_pixels per image or video frame) and the sample's length
     from the media headers; only then is anything decoded. The length is checked again on the decoded crops.
-    escape_special: read special-token strings in message content as plain text (see `template.build_sample`)."""
+    escape_special: read special-token strings in message content as plain text (see `template.build_sample`).
+    compact_media: crops in compact form (uint8 sub-crops, see `media.image.canvas_crops`) or dense float32."""
     if len(sample.media) > max_media:
         raise SampleError(
             f"sample has {len(sample.media)} media items, over the limit of {max_media} per sample (--max-media)"
@@ -117,8 +119,9 @@ def prepare_sample(
     for item in sample.media:
         try:
             digest = media_digest(item, templ.hd_num)
-            cached = media_cache.get(digest) if media_cache is not None else None
-            mc = cached if cached is not None else load_media(item, templ.hd_num, max_pixels=max_pixels)
+            mc = media_cache.get(digest) if media_cache is not None else None
+            if mc is None:
+                mc = load_media(item, templ.hd_num, max_pixels=max_pixels, compact=compact_media)
         except ValueError as exc:  # MediaError is a ValueError
             raise SampleError(str(exc)) from exc
         if media_cache is not None:

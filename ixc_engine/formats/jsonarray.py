@@ -83,6 +83,10 @@ def iter_spans(path: str | Path) -> Iterator[Span]:
             head = r.buf[pos:pos + 20]
             raise JsonArrayError(f"{path} is not a JSON array (it starts with {head!r}; expected '[')")
         pos = r.skip_ws(pos + 1)
+        if pos >= len(r.buf):  # "[" and nothing after it: one record saying so, not an empty element before it
+            yield Span(1, r.base + pos, r.base + pos, b"",
+                       "invalid JSON array: the file ends before the array's closing ']'")
+            return
         if r.buf[pos:pos + 1] == b"]":
             rest = r.skip_ws(pos + 1)
             if rest < len(r.buf):

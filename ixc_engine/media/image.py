@@ -253,16 +253,20 @@ def crops_from_canvas(t: torch.Tensor, kind: str = "image", canvas_uint8: torch.
     return MediaCrops(pixel_values=torch.cat([glb, _split_crops(t, h, w)], dim=0), h=h, w=w, kind=kind)
 
 
-def canvas_crops(img: Image.Image, kind: str = "image") -> MediaCrops:
-    """Crops of a finished canvas in compact form: normalised for the global view, uint8 sub-crops."""
+def canvas_crops(img: Image.Image, kind: str = "image", compact: bool = True) -> MediaCrops:
+    """Crops of a finished canvas: normalised for the global view; the sub-crops as uint8 (compact: a quarter of the
+    bytes to copy to a GPU or through a pipe, normalised where they are used) or normalised float32 (dense: for a
+    CPU model in this process, which would otherwise normalise the same pixels a second time)."""
     u8 = _uint8_chw(img)
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
     t = u8.to(torch.float32, memory_format=torch.contiguous_format).div_(255).sub_(mean).div_(std)
-    return crops_from_canvas(t, kind, canvas_uint8=u8)
+    return crops_from_canvas(t, kind, canvas_uint8=u8 if compact else None)
 
 
-def process_image(img: Image.Image, hd_num: int, max_pixels: int | None = MAX_IMAGE_PIXELS) -> MediaCrops:
-    """Full image path: HD canvas, CLIP normalisation, crops. Images over max_pixels are a MediaError."""
+def process_image(img: Image.Image, hd_num: int, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                  compact: bool = True) -> MediaCrops:
+    """Full image path: HD canvas, CLIP normalisation, crops (compact: see canvas_crops). Images over max_pixels are
+    a MediaError."""
     check_pixels(*img.size, max_pixels)
-    return canvas_crops(hd_transform(img, hd_num), kind="image")
+    return canvas_crops(hd_transform(img, hd_num), kind="image", compact=compact)

@@ -145,14 +145,15 @@ def _decode_image(fp, name, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.
             raise MediaError(f"cannot decode image ({type(e).__name__}: {e})", path=name) from e
 
 
-def _load_bytes(item: MediaBytes, hd_num: int, video_backend: str | None, max_pixels: int | None) -> MediaCrops:
+def _load_bytes(item: MediaBytes, hd_num: int, video_backend: str | None, max_pixels: int | None,
+                compact: bool) -> MediaCrops:
     if item.kind == "image":
-        return process_image(_decode_image(io.BytesIO(item.data), item.name, max_pixels), hd_num, max_pixels)
+        return process_image(_decode_image(io.BytesIO(item.data), item.name, max_pixels), hd_num, max_pixels, compact)
     with tempfile.NamedTemporaryFile(suffix=".mp4") as tmp:  # decord and PyAV probe the container, not the suffix
         tmp.write(item.data)
         tmp.flush()
         try:
-            return process_video(tmp.name, backend=video_backend, max_pixels=max_pixels)
+            return process_video(tmp.name, backend=video_backend, max_pixels=max_pixels, compact=compact)
         except MediaError as e:
             raise MediaError(str(e).replace(tmp.name, item.name, 1), path=None) from e
 
@@ -187,23 +188,25 @@ def mode_warning(item: MediaItem) -> str | None:
 
 
 def load_media(
-    item: MediaItem, hd_num: int, *, video_backend: str | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS
+    item: MediaItem, hd_num: int, *, video_backend: str | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS,
+    compact: bool = True,
 ) -> MediaCrops:
     """Crops of one media item: a video by extension, an image file, or a PIL image.
 
     hd_num is the image crop budget (24 single image, 6 when a sample has several); videos ignore it. An image or
-    video frame of more than max_pixels pixels (None: no limit) is a MediaError, found from the header.
+    video frame of more than max_pixels pixels (None: no limit) is a MediaError, found from the header. compact:
+    uint8 sub-crops (see `canvas_crops`), else normalised float32 ones.
     """
     hd_num = _check_hd_num(hd_num)
     if isinstance(item, MediaBytes):
-        return _load_bytes(item, hd_num, video_backend, max_pixels)
+        return _load_bytes(item, hd_num, video_backend, max_pixels, compact)
     path = _as_path(item)
     if path is None:
-        return process_image(item, hd_num, max_pixels)
+        return process_image(item, hd_num, max_pixels, compact)
     if _media_kind(path) == "video":
         _check_file(path)
-        return process_video(path, backend=video_backend, max_pixels=max_pixels)
-    return process_image(open_image(path, max_pixels), hd_num, max_pixels)
+        return process_video(path, backend=video_backend, max_pixels=max_pixels, compact=compact)
+    return process_image(open_image(path, max_pixels), hd_num, max_pixels, compact)
 
 
 MIN_MEDIA_TOKENS = image_token_count(1, 1)  # 841: a 1x1 crop grid, the fewest tokens any image or video gives

@@ -310,12 +310,14 @@ def video_canvas_transform(canvas: Image.Image) -> Image.Image:
 
 
 def process_video(
-    path: str | os.PathLike[str], backend: str | None = None, font=None, max_pixels: int | None = MAX_IMAGE_PIXELS
+    path: str | os.PathLike[str], backend: str | None = None, font=None, max_pixels: int | None = MAX_IMAGE_PIXELS,
+    compact: bool = True,
 ) -> MediaCrops:
-    """Full video path: sampled frames -> canvas -> 560-high strip -> normalised crops (kind='video')."""
+    """Full video path: sampled frames -> canvas -> 560-high strip -> normalised crops (kind='video'; compact: see
+    canvas_crops)."""
     video = read_video(path, backend, max_pixels, keep=resize_frame)  # each frame resized as soon as it is decoded
     strip = video_canvas_transform(_stitch(video.frames, video.sizes[-1], font))
-    return canvas_crops(strip, kind="video")
+    return canvas_crops(strip, kind="video", compact=compact)
 
 
 def video_tokens(n_kept: int, width: int, height: int) -> int:

@@ -58,7 +58,10 @@ def rankdata(x: np.ndarray) -> np.ndarray:
 
 def correlations(a: np.ndarray, b: np.ndarray) -> tuple[float | None, float | None]:
     """Pearson and Spearman correlation; None where undefined (fewer than 3 points or a constant)."""
-    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+    if len(a) < 3:
+        return None, None
+    a, b = (x / m if (m := float(np.abs(x).max())) > 0 else x for x in (a, b))  # scale-free: no overflow near 1e308
+    if np.std(a) == 0 or np.std(b) == 0:
         return None, None
     pearson = float(np.corrcoef(a, b)[0, 1])
     spearman = float(np.corrcoef(rankdata(a), rankdata(b))[0, 1])
@@ -94,6 +97,12 @@ def _figure(w=7.0, h=3.4):
     Figure = _need("matplotlib.figure").Figure  # no pyplot: no global figure state, no GUI backend
     fig = Figure(figsize=(w, h), dpi=96)
     return fig, fig.add_subplot()
+
+
+def _scaled(stat, x: np.ndarray) -> float:
+    """stat(x) computed on x / max|x| and scaled back: no overflow for finite scores near the float64 limit."""
+    m = float(np.abs(x).max()) if len(x) else 0.0
+    return float(stat(x)) if m == 0.0 or m < 1e300 else m * float(stat(x / m))
 
 
 def plot_histogram(scores: np.ndarray, threshold: float | None) -> str:
@@ -304,6 +313,8 @@ def build_report(scores_path, corpus_path, out_path, *, fmt=None, media_root=Non
     quant = [{"q": f"{q:.0%}" if 0 < q < 1 else ("min" if q == 0 else "max"), "v": _fmt(float(np.quantile(s, q)))}
              for q in QUANTILES]
 
+    # finite scores whose span overflows float64 (near +-1.8e308, only from an edited file) cannot be drawn
+    plottable = bool(scored) and float(s.max()) - float(s.min()) < math.inf
     reasons = Counter(error_class(r["error"]) for r in failed)
     examples = {}
     for r in failed:
@@ -320,12 +331,12 @@ def build_report(scores_path, corpus_path, out_path, *, fmt=None, media_root=Non
             v = np.array(per.get(g, []), dtype=np.float64)
             row = {"group": g, "n": len(v), "errors": err_per.get(g, 0)}
             if len(v):
-                row |= {"mean": _fmt(v.mean()), "median": _fmt(np.median(v)), "p10": _fmt(np.quantile(v, 0.1)),
-                        "p90": _fmt(np.quantile(v, 0.9)),
+                row |= {"mean": _fmt(_scaled(np.mean, v)), "median": _fmt(np.median(v)),
+                        "p10": _fmt(np.quantile(v, 0.1)), "p90": _fmt(np.quantile(v, 0.9)),
                         "dropped": f"{np.mean(v < threshold):.1%}" if threshold is not None else None}
             group_rows.append(row)
         shown = [(g, np.array(per[g])) for g in sorted(per, key=lambda g: (-len(per[g]), g))[:MAX_GROUPS]]
-        group_plot = plot_groups(shown, threshold) if shown else None
+        group_plot = plot_groups(shown, threshold) if shown and plottable else None
 
     root = source.media_root
     env = jinja2.Environment(loader=jinja2.PackageLoader("ixc_engine.report", "templates"),
@@ -336,14 +347,15 @@ def build_report(scores_path, corpus_path, out_path, *, fmt=None, media_root=Non
         "corpus": str(corpus_path), "format": source.format, "scores": str(scores_path),
         "job": job, "total": total, "n_scored": len(scored), "n_errors": len(failed),
         "n_missing": total - len(scored) - len(failed),
-        "mean": _fmt(float(s.mean())), "std": _fmt(float(s.std())), "quantiles": quant,
+        "mean": _fmt(_scaled(np.mean, s)), "std": _fmt(_scaled(np.std, s)), "quantiles": quant,
         "threshold": threshold,
         "dropped": None if threshold is None else int(np.sum(s < threshold)),
         "dropped_frac": None if threshold is None else f"{np.mean(s < threshold):.1%}",
         "pearson": _fmt(pearson, 3), "spearman": _fmt(spearman, 3),
-        "hist": plot_histogram(s, threshold) if scored else None,
-        "kept_curve": plot_kept_curve(s, threshold) if scored else None,
-        "length_plot": plot_length(s, n_tok, pearson, spearman) if scored else None,
+        "plottable": plottable,
+        "hist": plot_histogram(s, threshold) if plottable else None,
+        "kept_curve": plot_kept_curve(s, threshold) if plottable else None,
+        "length_plot": plot_length(s, n_tok, pearson, spearman) if plottable else None,
         "group_by": group_by, "group_rows": group_rows, "group_plot": group_plot,
         "errors": error_rows, "k": k,
         "low": [_card(i + 1, r, samples[r["line"]], groups.get(r["line"]), root)
