@@ -72,7 +72,7 @@ def _version() -> str:
 
 
 def _add_format_args(parser: argparse.ArgumentParser, media: bool = True) -> None:
-    from ixc_engine.formats.source import FORMATS
+    from ixc_engine.formats import FORMATS
 
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="corpus format (default: by extension and content; llava = a LLaVA / ShareGPT JSON "

@@ -152,6 +152,15 @@ def test_torchrun_environment_selects_the_shard(corpus, tiny_ckpt, tmp_path, mon
     assert lines and all(ln % 2 == 0 for ln in lines)
 
 
+def test_parsing_arguments_imports_no_torch():
+    """--help and argument errors come at once, and a Ctrl-C during start-up reaches main()'s handler: building the
+    parser (every subcommand's) imports the standard library only, never torch or numpy."""
+    code = ("import sys; from ixc_engine.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'ray', 'starlette', 'pyarrow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_ctrl_c_then_resume(corpus, tiny_ckpt, tmp_path):
     out = tmp_path / "int.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "ixc_engine.cli", "score", str(corpus), "--model", str(tiny_ckpt),

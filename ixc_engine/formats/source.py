@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ixc_engine.corpus import LineError
 from ixc_engine.engine.sequence import Sample
+from ixc_engine.formats import FORMATS
 
-FORMATS = ("jsonl", "json", "llava", "parquet")
 PARQUET_EXTENSIONS = (".parquet", ".pq")
 JSONL_EXTENSIONS = (".jsonl", ".ndjson")
 

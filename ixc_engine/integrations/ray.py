@@ -42,8 +42,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 RESULT_COLUMNS = ("index", "id", "ok", "score", "n_tokens", "error", "tokens_computed", "prefix_tokens_reused")
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}
@@ -124,12 +122,15 @@ def encode_prepared(p) -> tuple[str, bytes, bytes]:
             lens.append(-1 - piece)  # a media slot
     media = [[m.h, m.w, m.kind, d] for m, d in zip(p.media, p.media_digests)]
     meta = json.dumps({"id": p.id, "pieces": lens, "media": media, "n_tokens": p.n_tokens})
+    import numpy as np
+
     pixels = b"".join(np.ascontiguousarray(m.pixel_values.numpy(), dtype=np.float32).tobytes() for m in p.media)
     return meta, np.asarray(tokens, dtype="<i4").tobytes(), pixels
 
 
 def decode_prepared(meta: dict, tokens, pixels):
     """The PreparedSample `encode_prepared` wrote (pixels copied once into torch tensors)."""
+    import numpy as np
     import torch
 
     from ixc_engine.engine.sequence import PreparedSample
