@@ -414,7 +414,6 @@ def cmd_score_ray(args, reader=None) -> int:
     byte of bad UTF-8; the local reader gives every line its own record, error or not, exactly as a local job does.
     The parsed rows (text only; media stay files that the workers open) go to Ray with from_items.
     """
-    from ixc_engine.cli import _check_outputs_apart, _model_key, shard_output
     from ixc_engine.corpus import (
         JobManifest,
         LineError,
@@ -423,6 +422,7 @@ def cmd_score_ray(args, reader=None) -> int:
         errors_path_for,
         job_path_for,
     )
+    from ixc_engine.formats.jobs import check_outputs_apart, model_key, shard_output
     from ixc_engine.formats.source import open_corpus
 
     source = open_corpus(args.corpus, getattr(args, "format", None), getattr(args, "media_root", None))
@@ -444,11 +444,11 @@ def cmd_score_ray(args, reader=None) -> int:
         return 2
     out_path = shard_output(args.output, args.shard)
     job_path = job_path_for(out_path)
-    _check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
+    check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
     total_lines = source.count()
     i, n = args.shard
     mine = len(range(i, total_lines, n))
-    job = JobManifest(corpus=str(args.corpus.resolve()), model=_model_key(args.model), hd_num=args.hd_num,
+    job = JobManifest(corpus=str(args.corpus.resolve()), model=model_key(args.model), hd_num=args.hd_num,
                       max_length=args.max_length, shard=args.shard, lines=mine)
     previous = None if args.restart else JobManifest.load(job_path)
     if previous is not None and (diff := previous.differences(job)):
