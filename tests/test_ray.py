@@ -20,11 +20,13 @@ from ixc_engine.integrations.ray import decode_prepared, encode_prepared, sample
 from tests.ray_common import (
     N_LINES,
     TOL,
+    WARNINGS_ARGS,
     assert_same_results,
     cli_process,
     lines_written,
     local_results,
     make_corpus,
+    make_warnings_corpus,
     pids_of,
     read,
     summary,
@@ -48,7 +50,7 @@ def job(tmp_path_factory, tiny_ckpt):
 
 def test_prepared_rows_round_trip(job, tokenizer):
     from ixc_engine.corpus import read_corpus
-    from ixc_engine.engine.sequence import PreparedSample, prepare_sample
+    from ixc_engine.engine.sequence import PreparedSample, Sample, prepare_sample
 
     corpus, _, _ = job
     items = dict(read_corpus(corpus))
@@ -66,6 +68,10 @@ def test_prepared_rows_round_trip(job, tokenizer):
         for a, b in zip(q.media, p.media):
             assert np.array_equal(a.pixel_values.numpy(), b.pixel_values.numpy())
         assert np.array_equal(q.content_keys(), p.content_keys())
+    alone = Sample([{"role": "user", "content": "Alone?"}], warnings=["key 'img' is not read"])
+    warned = prepare_sample(tokenizer, alone, hd_num=9, max_length=16384)
+    meta, tokens, pixels = encode_prepared(warned)
+    assert len(warned.warnings) == 2 and decode_prepared(json.loads(meta), tokens, pixels).warnings == warned.warnings
 
 
 def test_ray_job_equals_local_job(cluster, job, tmp_path, capsys):
@@ -187,9 +193,40 @@ def test_ray_reads_every_local_format_with_in_memory_media(cluster, tiny_ckpt, t
     capsys.readouterr()
 
 
-def test_ray_refuses_local_only_flags(tmp_path, capsys):
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
-    for flag in ("--strict", "--escape-special-tokens"):
-        assert main(["score", str(corpus), "--model", "x", "-o", str(tmp_path / "s.jsonl"), "--ray", flag]) == 2
-        assert f"{flag} is not supported with --ray" in capsys.readouterr().err
+@pytest.mark.parametrize("flag", [None, "--strict", "--escape-special-tokens"])
+def test_ray_lines_equal_local_lines_with_warnings_strict_and_escaping(cluster, tiny_ckpt, tmp_path, capsys, flag):
+    """Every record of a --ray job is the local job's record: the same keys (the "warnings" list included), the same
+    warnings and errors, scores within TOL; --strict and --escape-special-tokens act exactly as locally."""
+    corpus = make_warnings_corpus(tmp_path / "data")
+    extra = [*WARNINGS_ARGS, *([flag] if flag else [])]
+    files = {}
+    for name, more in (("local", []), ("ray", ["--ray", "--ray-batch-size", "4"])):
+        out = tmp_path / name / "scores.jsonl"
+        assert main(["score", str(corpus), "--model", str(tiny_ckpt), "-o", str(out), "--no-progress", *extra,
+                     *more]) == 0
+        files[name] = (read(out), read(out.with_name("scores.errors.jsonl")),
+                       json.loads(out.with_name("scores.job.json").read_text()), summary(capsys.readouterr().out))
+    (ls, le, lj, lsum), (rs, re_, rj, rsum) = files["local"], files["ray"]
+    assert [sorted(r) for r in rs] == [sorted(r) for r in ls]
+    assert [{k: v for k, v in r.items() if k != "score"} for r in rs] == [
+        {k: v for k, v in r.items() if k != "score"} for r in ls]
+    assert ls and max(abs(a["score"] - b["score"]) for a, b in zip(ls, rs)) < TOL
+    assert re_ == le
+    assert (rj["strict"], rj["escape_special_tokens"]) == (lj["strict"], lj["escape_special_tokens"]) == (
+        flag == "--strict", flag == "--escape-special-tokens")
+    assert (rsum["scored"], rsum["errors"], rsum["warnings"]) == (lsum["scored"], lsum["errors"], lsum["warnings"])
+    # The corpus does what it is for: warnings in scores and in error reasons, each option changing the outcome.
+    warned = {r["id"] for r in ls if r.get("warnings")}
+    reasons = {r["id"]: r["error"] for r in le}
+    assert "over max_length 900" in reasons["too-long"] and "--max-media" in reasons["two-images"]
+    assert "key 'picture' is not read" in reasons["warned-error"]
+    if flag == "--strict":
+        assert not warned and reasons["deep"].startswith("rejected by --strict: ") and "16-bit" in reasons["deep"]
+    else:
+        assert {"user-last", "empty-reply", "media-key", "deep", "out-of-order"} <= warned
+        assert ("special" in warned) == (flag is None)
+    # A job file written by one resumes under the other; another --strict / --escape-special-tokens is refused.
+    other = next(x for x in ("--strict", "--escape-special-tokens") if x != flag)
+    assert main(["score", str(corpus), "--model", str(tiny_ckpt), "-o", str(tmp_path / "ray" / "scores.jsonl"),
+                 "--no-progress", "--ray", *WARNINGS_ARGS, other]) == 2
+    assert "holds the results of another job" in capsys.readouterr().err

@@ -12,18 +12,19 @@ The stages compose into any Ray Data pipeline::
     ds = ds.map_batches(Score, fn_constructor_kwargs={"model": M}, batch_size=64, batch_format="pyarrow",
                         num_gpus=1, concurrency=2)
     # (Ray >= 2.51 prefers compute=ray.data.ActorPoolStrategy(size=N) to concurrency=N; build_pipeline uses it.)
-    for batch in ds.iter_batches(batch_size=None): ...   # columns index, id (JSON), ok, score, n_tokens, error
+    for batch in ds.iter_batches(batch_size=None): ...   # index, id (JSON), ok, score, n_tokens, error, warnings
 
 Rows between the stages (all Arrow columns, nothing pickled):
 - input (`sample_rows`): `index` int64 (the record's line number), `sample` JSON text: {"messages", "media", "id"}
   for a sample, {"error", "id"} for a record the reader could not parse. Any reader yielding
   (index, Sample | SampleError) pairs plugs in.
-- prepared (`Prepare`): `index`, `meta` JSON text (id, piece lengths, media grid/kind/digest, n_tokens, or the
-  error), `tokens` (int32 token ids of all text pieces, raw little-endian bytes) and `pixels` (float32 crops of all
+- prepared (`Prepare`): `index`, `meta` JSON text (id, piece lengths, media grid/kind/digest, n_tokens, warnings, or
+  the error), `tokens` (int32 token ids of all text pieces, raw little-endian bytes) and `pixels` (float32 crops of all
   media, [sum(1 + h*w), 3, 560, 560], raw bytes), both Arrow large_binary buffers that the scorer views with
   np.frombuffer.
 - scored (`Score`): `index`, `id` (JSON text, so that ints stay ints), `ok`, `score`, `n_tokens` (-1 for errors),
-  `error` ("" when scored), and the batch's `tokens_computed` / `prefix_tokens_reused` (the engine's counters, on
+  `error` ("" when scored), `warnings` (JSON list of the sample's warnings, as the local job writes them), and the
+  batch's `tokens_computed` / `prefix_tokens_reused` (the engine's counters, on
   the batch's first row, 0 on the others: their sums over a job are the job's).
 
 Nothing here imports Ray at module import time; the engine never imports this module.
@@ -44,7 +45,8 @@ from typing import Any
 
 import numpy as np
 
-RESULT_COLUMNS = ("index", "id", "ok", "score", "n_tokens", "error", "tokens_computed", "prefix_tokens_reused")
+RESULT_COLUMNS = ("index", "id", "ok", "score", "n_tokens", "error", "warnings", "tokens_computed",
+                  "prefix_tokens_reused")
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}
 
@@ -110,7 +112,8 @@ def _result_types():
     import pyarrow as pa
 
     return {"index": pa.int64(), "id": pa.string(), "ok": pa.bool_(), "score": pa.float64(), "n_tokens": pa.int64(),
-            "error": pa.string(), "tokens_computed": pa.int64(), "prefix_tokens_reused": pa.int64()}
+            "error": pa.string(), "warnings": pa.string(), "tokens_computed": pa.int64(),
+            "prefix_tokens_reused": pa.int64()}
 
 
 def encode_prepared(p) -> tuple[str, bytes, bytes]:
@@ -123,7 +126,8 @@ def encode_prepared(p) -> tuple[str, bytes, bytes]:
         else:
             lens.append(-1 - piece)  # a media slot
     media = [[m.h, m.w, m.kind, d] for m, d in zip(p.media, p.media_digests)]
-    meta = json.dumps({"id": p.id, "pieces": lens, "media": media, "n_tokens": p.n_tokens})
+    meta = json.dumps({"id": p.id, "pieces": lens, "media": media, "n_tokens": p.n_tokens,
+                       "warnings": list(p.warnings)})
     pixels = b"".join(np.ascontiguousarray(m.pixel_values.numpy(), dtype=np.float32).tobytes() for m in p.media)
     return meta, np.asarray(tokens, dtype="<i4").tobytes(), pixels
 
@@ -154,7 +158,7 @@ def decode_prepared(meta: dict, tokens, pixels):
         off += n
     if pos != len(ids) or off != len(flat):
         raise ValueError("prepared row does not match its description (corrupt object?)")
-    return PreparedSample(meta["id"], pieces, media, digests, meta["n_tokens"])
+    return PreparedSample(meta["id"], pieces, media, digests, meta["n_tokens"], list(meta.get("warnings", [])))
 
 
 def _checkpoint_files(model: str) -> tuple[Path, int]:
@@ -176,11 +180,15 @@ class Prepare:
     """CPU stage: validate, template + tokenize, decode and crop media. Use as a callable class in map_batches.
 
     Identical media within a batch are loaded once. A sample that cannot be prepared becomes an error row (never an
-    exception: one bad sample must not fail the job).
+    exception: one bad sample must not fail the job), with the local job's very message. The options are the local
+    job's (`EngineConfig`): at most `max_media` media per sample; `strict`: a sample with warnings is an error
+    ("rejected by --strict: ..."); `escape_special_tokens`: special-token strings in the text are plain text.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer_path: str | None = None, hd_num: int = 9,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, max_media: int | None = None, strict: bool = False,
+                 escape_special_tokens: bool = False) -> None:
+        from ixc_engine.engine.sequence import MAX_MEDIA
         from ixc_engine.tokenizer import Tokenizer
 
         if model is not None:
@@ -191,12 +199,17 @@ class Prepare:
             raise ValueError("Prepare needs model=, or tokenizer_path= and max_length=")
         if not isinstance(hd_num, int) or hd_num < 1:
             raise ValueError(f"hd_num must be an integer >= 1, got {hd_num!r}")
+        max_media = MAX_MEDIA if max_media is None else max_media
+        if not isinstance(max_media, int) or max_media < 1:
+            raise ValueError(f"max_media must be an integer >= 1, got {max_media!r}")
         self.tokenizer = Tokenizer.from_file(tokenizer_path or tok)
         self.hd_num = hd_num
         self.max_length = max_length or model_max
+        self.max_media, self.strict, self.escape_special_tokens = max_media, bool(strict), bool(escape_special_tokens)
 
     def __call__(self, batch):
-        from ixc_engine.engine.sequence import Sample, SampleError, prepare_sample
+        from ixc_engine.engine.engine import as_sample_error
+        from ixc_engine.engine.sequence import Sample, prepare_sample
 
         out = {"index": [], "meta": [], "tokens": [], "pixels": []}
         media_cache: dict = {}
@@ -210,12 +223,15 @@ class Prepare:
                     sample = Sample(obj["messages"], [_media_item(m) for m in obj["media"]], id=obj["id"],
                                     warnings=obj.get("warnings", []))
                     p = prepare_sample(self.tokenizer, sample, hd_num=self.hd_num, max_length=self.max_length,
-                                       media_cache=media_cache)
-                    meta, tokens, pixels = encode_prepared(p)
-                except SampleError as exc:
-                    meta = json.dumps({"id": obj["id"], "error": str(exc)})
-                except Exception as exc:  # noqa: BLE001 (an unforeseen failure of one sample is that sample's error)
-                    meta = json.dumps({"id": obj["id"], "error": f"preparation failed ({type(exc).__name__}: {exc})"})
+                                       media_cache=media_cache, max_media=self.max_media,
+                                       escape_special=self.escape_special_tokens)
+                except Exception as exc:  # noqa: BLE001 (whatever one sample holds is its own error, as locally)
+                    meta = json.dumps({"id": obj["id"], "error": str(as_sample_error(exc))})
+                else:
+                    if self.strict and p.warnings:  # as the local engine's --strict (engine.py, _finish)
+                        meta = json.dumps({"id": obj["id"], "error": "rejected by --strict: " + "; ".join(p.warnings)})
+                    else:
+                        meta, tokens, pixels = encode_prepared(p)
             out["index"].append(int(index))
             out["meta"].append(meta)
             out["tokens"].append(tokens)
@@ -259,6 +275,7 @@ class Score:
             out["score"].append(math.nan)
             out["n_tokens"].append(-1)
             out["error"].append(meta.get("error", ""))
+            out["warnings"].append("[]")
             out["tokens_computed"].append(0)
             out["prefix_tokens_reused"].append(0)
             if "error" not in meta:
@@ -282,8 +299,12 @@ class Score:
             for (row, p), r in zip(todo, results):
                 if isinstance(r, SampleError):
                     out["error"][row] = str(r)
+                elif not math.isfinite(r):  # the local engine's message (engine.py, _finish)
+                    out["error"][row] = (f"the model gave a non-finite score ({r}) for this sample; it is not written "
+                                         "as a score (check the checkpoint, the dtype and the sample)")
                 else:
                     out["ok"][row], out["score"][row], out["n_tokens"][row] = True, float(r), p.n_tokens
+                    out["warnings"][row] = json.dumps(p.warnings)
         if out["index"]:
             out["tokens_computed"][0] = stats.tokens_computed - computed
             out["prefix_tokens_reused"][0] = stats.prefix_tokens_reused - reused
@@ -297,7 +318,8 @@ def _actor_pool(ray_data, size: int):
 def build_pipeline(ds, model: str, *, hd_num: int = 9, max_length: int | None = None, batch_size: int = 64,
                    actors: int = 1, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, prep_actors: int = 1,
                    device: str | None = None, dtype: str | None = None, max_batch_tokens: int = 16384,
-                   prefix_cache: bool = True, **remote_args):
+                   prefix_cache: bool = True, max_media: int | None = None, strict: bool = False,
+                   escape_special_tokens: bool = False, **remote_args):
     """ds (rows of `sample_rows`) -> scored rows: Prepare on `prep_actors` one-CPU actors, Score on `actors` actors
     with `gpus_per_actor` GPUs (CPU scoring when 0) each.
 
@@ -308,7 +330,9 @@ def build_pipeline(ds, model: str, *, hd_num: int = 9, max_length: int | None = 
     fault = dict(remote_args)
     threads = max(1, int(cpus_per_actor)) if gpus_per_actor == 0 else None
     ds = ds.map_batches(
-        Prepare, fn_constructor_kwargs={"model": model, "hd_num": hd_num, "max_length": max_length},
+        Prepare, fn_constructor_kwargs={"model": model, "hd_num": hd_num, "max_length": max_length,
+                                        "max_media": max_media, "strict": strict,
+                                        "escape_special_tokens": escape_special_tokens},
         batch_size=batch_size, batch_format="pyarrow", compute=_actor_pool(ray.data, prep_actors), num_cpus=1,
         **fault,
     )
@@ -435,10 +459,6 @@ def cmd_score_ray(args, reader=None) -> int:
     if args.workers:
         raise ValueError("--workers is the local job's preparation; with --ray, preparation runs in Ray actors: "
                          "use --ray-prep-cpus")
-    for flag in ("strict", "escape_special_tokens"):  # not carried through the Ray stages yet: refuse, never ignore
-        if getattr(args, flag, False):
-            raise ValueError(f"--{flag.replace('_', '-')} is not supported with --ray yet: run the job locally (or "
-                             "with --shard) to use it")
     if not args.corpus.is_file():
         print(f"error: corpus {args.corpus} not found", file=sys.stderr)
         return 2
@@ -449,7 +469,8 @@ def cmd_score_ray(args, reader=None) -> int:
     i, n = args.shard
     mine = len(range(i, total_lines, n))
     job = JobManifest(corpus=str(args.corpus.resolve()), model=model_key(args.model), hd_num=args.hd_num,
-                      max_length=args.max_length, shard=args.shard, lines=mine)
+                      max_length=args.max_length, shard=args.shard, lines=mine, strict=args.strict,
+                      escape_special_tokens=args.escape_special_tokens)
     previous = None if args.restart else JobManifest.load(job_path)
     if previous is not None and (diff := previous.differences(job)):
         raise ValueError(f"{out_path} holds the results of another job ({'; '.join(diff)}): use --restart to "
@@ -468,8 +489,8 @@ def cmd_score_ray(args, reader=None) -> int:
             job.errors = count_lines(writer.errors_path)
             job.scored = len(done) - job.errors
             job.save(job_path)
-            print(json.dumps({"scored": 0, "errors": 0, "skipped_already_done": len(done), "scores": str(out_path),
-                              "errors_file": str(writer.errors_path)}))  # the summary on stdout, as the local job
+            print(json.dumps({"scored": 0, "errors": 0, "warnings": 0, "skipped_already_done": len(done),
+                              "scores": str(out_path), "errors_file": str(writer.errors_path)}))  # as the local job
             return 0
         rows = []
         for ln, item in reader(args.corpus, shard=args.shard):
@@ -523,14 +544,15 @@ def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, setti
         ds, args.model, hd_num=args.hd_num, max_length=args.max_length, batch_size=bs, actors=settings["actors"],
         gpus_per_actor=settings["gpus_per_actor"], cpus_per_actor=settings["cpus_per_actor"],
         prep_actors=settings["prep_actors"], device=settings["device"], dtype=settings["dtype"],
-        max_batch_tokens=args.max_batch_tokens, prefix_cache=not args.no_prefix_cache,
+        max_batch_tokens=args.max_batch_tokens, prefix_cache=not args.no_prefix_cache, max_media=args.max_media,
+        strict=args.strict, escape_special_tokens=args.escape_special_tokens,
     )
     print(f"ray: {len(rows)} records to score on {settings['actors']} scoring actor(s) ({settings['device']}, "
           f"{settings['dtype']}), {settings['prep_actors']} preparation actor(s)", file=sys.stderr)
     order = [r["index"] for r in rows]
     expected, written = set(order), set()
     pending: dict[int, tuple] = {}
-    pos = n_ok = n_err = tokens = duplicates = computed = reused = 0
+    pos = n_ok = n_err = n_warn = tokens = duplicates = computed = reused = 0
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -542,20 +564,21 @@ def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, setti
             cols = {k: batch.column(k).to_pylist() for k in RESULT_COLUMNS}
             computed += sum(cols["tokens_computed"])
             reused += sum(cols["prefix_tokens_reused"])
-            for index, sid, ok, score, n_tok, err, _, _ in zip(*(cols[k] for k in RESULT_COLUMNS)):
+            for index, sid, ok, score, n_tok, err, warns, _, _ in zip(*(cols[k] for k in RESULT_COLUMNS)):
                 # Exactly once whatever the transport does: a line already written or waiting is dropped.
                 if index in pending or index in written:
                     duplicates += 1
                     continue
                 if index not in expected:
                     raise RuntimeError(f"Ray returned a record for line {index}, which this job did not send")
-                pending[index] = (json.loads(sid), ok, score, n_tok, err)
+                pending[index] = (json.loads(sid), ok, score, n_tok, err, json.loads(warns))
             while pos < len(order) and order[pos] in pending:
                 line = order[pos]
-                sid, ok, score, n_tok, err = pending.pop(line)
+                sid, ok, score, n_tok, err, warns = pending.pop(line)
                 if ok:
-                    writer.write_score(line, sid, score, n_tok)
+                    writer.write_score(line, sid, score, n_tok, warns)
                     n_ok += 1
+                    n_warn += bool(warns)
                     tokens += n_tok
                 else:
                     writer.write_error(line, sid, err)
@@ -585,7 +608,7 @@ def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, setti
     job.save(job_path)
     el = time.perf_counter() - t0
     print(json.dumps({
-        "scored": n_ok, "errors": n_err, "skipped_already_done": len(done), "seconds": round(el, 3),
+        "scored": n_ok, "errors": n_err, "warnings": n_warn, "skipped_already_done": len(done), "seconds": round(el, 3),
         "samples_per_s": round((n_ok + n_err) / el, 3) if el else None,
         "tokens_per_s": round(tokens / el, 1) if el else None, "tokens_computed": computed,
         "prefix_tokens_reused": reused, "duplicates_dropped": duplicates,
