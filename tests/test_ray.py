@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import textwrap
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +233,51 @@ def test_ray_lines_equal_local_lines_with_warnings_strict_and_escaping(cluster, 
     assert main(["score", str(corpus), "--model", str(tiny_ckpt), "-o", str(tmp_path / "ray" / "scores.jsonl"),
                  "--no-progress", "--ray", *WARNINGS_ARGS, other]) == 2
     assert "holds the results of another job" in capsys.readouterr().err
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _readme_pipeline() -> str:
+    """The Python block of README's "In your own Ray Data pipeline", as written (dedented)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("**In your own Ray Data pipeline**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    return textwrap.dedent(block)
+
+
+@pytest.mark.parametrize("form", ["readme", "issue (concurrency=N)"])
+def test_readme_pipeline_runs_as_written_without_deprecation_warnings(cluster, tmp_path, capsys, form):
+    """The README's pipeline, on the first records of examples/corpus.jsonl with the demo model, gives the local job's
+    scores; in the README's form (compute=ActorPoolStrategy) Ray raises no deprecation warning, and the issue's
+    form (concurrency=N) still runs."""
+    from ray.util.annotations import RayDeprecationWarning
+
+    corpus = tmp_path / "corpus.jsonl"
+    lines = []
+    for raw in (REPO / "examples" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:5]:
+        rec = json.loads(raw)
+        rec["images"] = [str(REPO / "examples" / p) for p in rec.get("images", [])]
+        lines.append(json.dumps(rec))
+    corpus.write_text("\n".join(lines) + "\n")
+    code = _readme_pipeline()
+    assert code.count('"examples/corpus.jsonl"') == 1 and code.count('"examples/demo-model"') == 1
+    assert code.count("compute=ray.data.ActorPoolStrategy(size=1)") == 2
+    code = code.replace('"examples/corpus.jsonl"', repr(str(corpus)))
+    code = code.replace('"examples/demo-model"', repr(str(REPO / "examples" / "demo-model")))
+    if form != "readme":
+        code = code.replace("compute=ray.data.ActorPoolStrategy(size=1)", "concurrency=1")
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        if form == "readme":
+            warnings.simplefilter("error", RayDeprecationWarning)
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})  # noqa: S102 (the README's own code)
+    rows = {int(x.split()[0]): x.split() for x in capsys.readouterr().out.splitlines() if x[:1].isdigit()}
+    local = tmp_path / "local.jsonl"
+    assert main(["score", str(corpus), "--model", str(REPO / "examples" / "demo-model"), "-o", str(local),
+                 "--dtype", "float32", "--no-progress"]) == 0
+    capsys.readouterr()
+    want = {r["line"]: r for r in read(local)}
+    assert sorted(rows) == sorted(want) == [1, 2, 3, 4, 5]
+    for line, (_, sid, ok, score, *_) in rows.items():
+        assert (json.loads(sid), ok) == (want[line]["id"], "True")
+        assert abs(float(score) - want[line]["score"]) < TOL

@@ -1,22 +1,25 @@
 """Corpus scoring on Ray Data: a CPU preparation stage, a scoring stage (one engine per actor), and the driver of
 `ixc-engine score --ray`.
 
-The stages compose into any Ray Data pipeline::
+The stages compose into any Ray Data pipeline (README, "Running on a Ray cluster", runs this on the demo model)::
 
     from ixc_engine.corpus import read_corpus
     from ixc_engine.integrations.ray import Prepare, Score, sample_rows
 
     ds = ray.data.from_items(list(sample_rows(read_corpus("corpus.jsonl"))))
     ds = ds.map_batches(Prepare, fn_constructor_kwargs={"model": M}, batch_size=64, batch_format="pyarrow",
-                        num_cpus=1, concurrency=4)
+                        num_cpus=1, compute=ray.data.ActorPoolStrategy(size=4))
     ds = ds.map_batches(Score, fn_constructor_kwargs={"model": M}, batch_size=64, batch_format="pyarrow",
-                        num_gpus=1, concurrency=2)
-    # (Ray >= 2.51 prefers compute=ray.data.ActorPoolStrategy(size=N) to concurrency=N; build_pipeline uses it.)
+                        num_gpus=1, compute=ray.data.ActorPoolStrategy(size=2))
     for batch in ds.iter_batches(batch_size=None): ...   # index, id (JSON), ok, score, n_tokens, error, warnings
 
+Ray 2.60 documents `concurrency=N` as deprecated in favour of `compute=ray.data.ActorPoolStrategy(size=N)` (the
+form above; `concurrency=N` still runs, without a warning yet), and warns (RayDeprecationWarning) on any other
+`ray.remote` option passed to map_batches as a keyword (`max_restarts=...`): `build_pipeline` passes none.
+
 Rows between the stages (all Arrow columns, nothing pickled):
-- input (`sample_rows`): `index` int64 (the record's line number), `sample` JSON text: {"messages", "media", "id"}
-  for a sample, {"error", "id"} for a record the reader could not parse. Any reader yielding
+- input (`sample_rows`): `index` int64 (the record's line number), `sample` JSON text: {"messages", "media", "id",
+  "warnings"} for a sample, {"error", "id"} for a record the reader could not parse. Any reader yielding
   (index, Sample | SampleError) pairs plugs in.
 - prepared (`Prepare`): `index`, `meta` JSON text (id, piece lengths, media grid/kind/digest, n_tokens, warnings, or
   the error), `tokens` (int32 token ids of all text pieces, raw little-endian bytes) and `pixels` (float32 crops of all
@@ -319,29 +322,28 @@ def build_pipeline(ds, model: str, *, hd_num: int = 9, max_length: int | None = 
                    actors: int = 1, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, prep_actors: int = 1,
                    device: str | None = None, dtype: str | None = None, max_batch_tokens: int = 16384,
                    prefix_cache: bool = True, max_media: int | None = None, strict: bool = False,
-                   escape_special_tokens: bool = False, **remote_args):
+                   escape_special_tokens: bool = False):
     """ds (rows of `sample_rows`) -> scored rows: Prepare on `prep_actors` one-CPU actors, Score on `actors` actors
     with `gpus_per_actor` GPUs (CPU scoring when 0) each.
 
-    A dead actor is restarted and its batch redone: Ray Data gives its actors max_restarts=-1 and max_task_retries=-1
-    unless told otherwise (`remote_args`, passed to both stages, e.g. max_restarts=3)."""
+    A dead actor is restarted and its batch redone: Ray Data gives its actors max_restarts=-1 and max_task_retries=-1.
+    (Other `ray.remote` options would go through map_batches' **ray_remote_args, which Ray 2.60 deprecates; to set
+    them, call map_batches with the stages yourself.)"""
     import ray.data
 
-    fault = dict(remote_args)
     threads = max(1, int(cpus_per_actor)) if gpus_per_actor == 0 else None
     ds = ds.map_batches(
         Prepare, fn_constructor_kwargs={"model": model, "hd_num": hd_num, "max_length": max_length,
                                         "max_media": max_media, "strict": strict,
                                         "escape_special_tokens": escape_special_tokens},
         batch_size=batch_size, batch_format="pyarrow", compute=_actor_pool(ray.data, prep_actors), num_cpus=1,
-        **fault,
     )
     return ds.map_batches(
         Score, fn_constructor_kwargs={"model": model, "device": device, "dtype": dtype, "max_length": max_length,
                                       "max_batch_tokens": max_batch_tokens, "prefix_cache": prefix_cache,
                                       "threads": threads},
         batch_size=batch_size, batch_format="pyarrow", compute=_actor_pool(ray.data, actors),
-        num_gpus=gpus_per_actor, num_cpus=cpus_per_actor, **fault,
+        num_gpus=gpus_per_actor, num_cpus=cpus_per_actor,
     )
 
 
