@@ -94,6 +94,51 @@ def test_ray_job_equals_local_job(cluster, job, tmp_path, capsys):
     assert summary(capsys.readouterr().out)["skipped_already_done"] == N_LINES
 
 
+def test_driver_streams_the_corpus_in_bounded_windows(cluster, job, tmp_path, capsys):
+    """The driver reads the corpus as Ray asks for more: at every record it reads, at most (ahead + 1) windows are
+    read and not yet written (so never the whole corpus in memory), and Ray holds at most `ahead` windows."""
+    from ixc_engine.cli import build_parser
+    from ixc_engine.formats.source import open_corpus
+    from ixc_engine.integrations.ray import cmd_score_ray
+
+    corpus, model, local = job
+    out = tmp_path / "scores.jsonl"
+    read_ahead = []
+
+    def reader(path, shard):
+        for k, (ln, item) in enumerate(open_corpus(path).records(shard=shard), 1):
+            read_ahead.append(k - lines_written(out))
+            yield ln, item
+
+    args = build_parser().parse_args(["score", str(corpus), "--model", str(model), "-o", str(out), "--ray",
+                                      "--ray-batch-size", "2", "--no-progress"])
+    assert cmd_score_ray(args, reader=reader) == 0
+    assert_same_results(out, local)
+    feed = summary(capsys.readouterr().out)["feed"]
+    assert (feed["window"], feed["windows"], feed["ahead"]) == (2, 11, 4)  # 1 preparation + 1 scoring actor + 2
+    assert 0 < feed["max_records_in_ray"] <= feed["ahead"] * feed["window"] < N_LINES
+    assert len(read_ahead) == N_LINES and max(read_ahead) <= (feed["ahead"] + 1) * feed["window"] + 1 < N_LINES
+
+
+def test_changed_corpus_found_while_streaming_ends_the_job_with_its_reason(cluster, tiny_ckpt, tmp_path, capsys):
+    """The resume check runs in the feed's thread (as the corpus is read): its error reaches the command, which
+    fails with it (nothing written for the changed line) instead of hanging or reporting Ray's failure."""
+    corpus = tmp_path / "c.jsonl"
+    recs = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+            for i in range(6)]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "scores.jsonl"
+    base = ["score", str(corpus), "--model", str(tiny_ckpt), "-o", str(out), "--no-progress"]
+    assert main(base) == 0
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[:4]))  # as if killed after 4 lines
+    recs[2]["id"] = "changed"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    capsys.readouterr()
+    assert main([*base, "--ray", "--ray-batch-size", "2"]) == 2
+    assert "line 3 of" in (err := capsys.readouterr().err) and "the corpus changed since the first run" in err
+    assert len(read(out)) == 4
+
+
 def _wait_for(cond, proc, timeout=240.0, poll=0.02):
     t0 = time.monotonic()
     while not cond():

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import math
 import os
@@ -347,6 +348,184 @@ def build_pipeline(ds, model: str, *, hd_num: int = 9, max_length: int | None = 
     )
 
 
+# --- the driver's input feed -----------------------------------------------------------------------------------------
+class _Feeder:
+    """A Ray actor (async): the input windows the driver has put in the object store, by number. `_Fetch` asks for
+    window k and waits until the driver has put it; a window is dropped once all its records are written, so that a
+    retried fetch still finds it, and one already written (k below `low`) comes back as None."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.refs: dict[int, Any] = {}
+        self.low = 0  # windows below this are written and dropped
+        self.error: str | None = None
+        self.changed = asyncio.Event()
+
+    def _wake(self) -> None:
+        import asyncio
+
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def put(self, k: int, ref: list) -> None:
+        self.refs[k] = ref[0]
+        self._wake()
+
+    def drop(self, k: int) -> None:
+        self.refs.pop(k, None)
+        self.low = max(self.low, k + 1)
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        self._wake()
+
+    async def get(self, k: int) -> list | None:
+        while k not in self.refs:
+            if k < self.low:
+                return None
+            if self.error is not None:
+                raise RuntimeError(f"the driver stopped feeding records: {self.error}")
+            await self.changed.wait()
+        return [self.refs[k]]  # in a list: the caller gets the reference, not the value
+
+
+class _Fetch:
+    """First stage of the driver's pipeline: window number -> that window's input rows (`sample_rows`)."""
+
+    def __init__(self, feeder) -> None:
+        self.feeder = feeder
+
+    def __call__(self, batch):
+        import pyarrow as pa
+        import ray
+
+        tables = []
+        for k in _column(batch, "window"):
+            got = ray.get(self.feeder.get.remote(int(k)))
+            if got is not None:
+                tables.append(ray.get(got[0]))
+        return pa.concat_tables(tables) if tables else _table({"index": [], "sample": []}, _input_types())
+
+
+def _input_types():
+    import pyarrow as pa
+
+    return {"index": pa.int64(), "sample": pa.string()}
+
+
+class _Feed:
+    """The driver's records, streamed to Ray: a thread reads `records` ((index, Sample | SampleError) in input order)
+    and puts them in the object store `window` at a time, at most `ahead` windows that are not written yet; Ray
+    Data's input is the list of window numbers (`dataset`), fetched by `_Fetch` from the `_Feeder` actor. So the
+    driver holds at most `ahead` windows of records (`max_resident` counts them), whatever the corpus size."""
+
+    def __init__(self, ray, records: Iterable[tuple[int, Any]], *, n_windows: int, window: int, ahead: int) -> None:
+        import threading
+
+        self.ray, self.n_windows, self.window = ray, n_windows, window
+        self.feeder = ray.remote(_Feeder).options(num_cpus=0, max_restarts=0).remote()
+        self._slots = threading.Semaphore(ahead)
+        self._lock = threading.Lock()
+        self._lines: dict[int, list[int]] = {}  # window -> its record indexes, until written
+        self._refs: dict[int, Any] = {}
+        self._resident: set[int] = set()  # record indexes handed to Ray and not written yet
+        self.max_resident = self.records_sent = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(records,), name="ixc-ray-feed", daemon=True)
+        self._thread.start()
+
+    def dataset(self):
+        ray = self.ray
+        ds = ray.data.from_items([{"window": k} for k in range(self.n_windows)], override_num_blocks=self.n_windows)
+        # One window per block: Ray Data buffers a task's output until the task ends (or 128 MB), so a task holding
+        # several windows would wait for records that are only fed once its first window is written.
+        return ds.map_batches(_Fetch, fn_constructor_kwargs={"feeder": self.feeder}, batch_size=1,
+                              batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+
+    def _produce(self, records) -> None:
+        k, buf = 0, []
+        try:
+            for item in records:
+                buf.append(item)
+                if len(buf) == self.window:
+                    self._put(k, buf)
+                    k, buf = k + 1, []
+            if buf:
+                self._put(k, buf)
+                k += 1
+            while k < self.n_windows:  # fewer records than counted (the file changed): empty windows, no slot
+                self._put(k, [])
+                k += 1
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 (told to the main thread, which raises it)
+            self.error = exc
+            self.feeder.fail.remote(f"{type(exc).__name__}: {exc}")
+
+    def _put(self, k: int, items: list) -> None:
+        if k >= self.n_windows:
+            raise ValueError("the corpus has more records to score than it had when the job started (it changed "
+                             "while being read): run the same command again")
+        if items:
+            while not self._slots.acquire(timeout=0.2):
+                if self._stop.is_set():
+                    raise _Stopped
+        rows = list(sample_rows(items))
+        table = _table({"index": [r["index"] for r in rows], "sample": [r["sample"] for r in rows]}, _input_types())
+        ref = self.ray.put(table)
+        with self._lock:
+            self._lines[k] = [r["index"] for r in rows]
+            self._refs[k] = ref
+            self._resident.update(self._lines[k])
+            self.records_sent += len(rows)
+            self.max_resident = max(self.max_resident, len(self._resident))
+        self.feeder.put.remote(k, [ref])
+
+    def lines(self, k: int) -> list[int] | None:
+        """Window k's record indexes, once it is sent."""
+        if self.error is not None:
+            raise self.error
+        with self._lock:
+            return self._lines.get(k)
+
+    def in_flight(self, index: int) -> bool:
+        with self._lock:
+            return index in self._resident
+
+    def written(self, k: int) -> None:
+        with self._lock:
+            lines = self._lines.pop(k)
+            self._refs.pop(k, None)
+            self._resident.difference_update(lines)
+        self.feeder.drop.remote(k)
+        if lines:
+            self._slots.release()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):  # already gone with its cluster
+            self.ray.kill(self.feeder)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _results(ds, feed: _Feed):
+    """The scored batches; when the feed failed (e.g. a changed corpus), its error rather than Ray's report of it."""
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    except Exception:
+        if feed.error is not None:
+            raise feed.error from None
+        raise
+    if feed.error is not None:
+        raise feed.error
+
+
 # --- command line -----------------------------------------------------------------------------------------------------
 def _positive_float(text: str) -> float:
     try:
@@ -438,7 +617,8 @@ def cmd_score_ray(args, reader=None) -> int:
     (line, Sample | LineError)), not with ray.data.read_json/read_text: those lose line numbers and ids' JSON types,
     read_json fails a whole block on one invalid line, read_text drops empty lines and fails a whole file on one
     byte of bad UTF-8; the local reader gives every line its own record, error or not, exactly as a local job does.
-    The parsed rows (text only; media stay files that the workers open) go to Ray with from_items.
+    The parsed rows (text only; media stay files that the workers open, in-memory media travel as their bytes) are
+    streamed to Ray window by window (`_Feed`): the driver holds a few windows, never the corpus.
     """
     from ixc_engine.corpus import (
         JobManifest,
@@ -494,16 +674,19 @@ def cmd_score_ray(args, reader=None) -> int:
             print(json.dumps({"scored": 0, "errors": 0, "warnings": 0, "skipped_already_done": len(done),
                               "scores": str(out_path), "errors_file": str(writer.errors_path)}))  # as the local job
             return 0
-        rows = []
-        for ln, item in reader(args.corpus, shard=args.shard):
-            if ln not in done:
-                rows.append((ln, item))
-                continue
-            cid = item.sample_id if isinstance(item, LineError) else item.id
-            if done[ln] is not None and cid is not None and done[ln] != cid:
-                raise ValueError(f"line {ln} of {args.corpus} has id {cid!r} but {out_path} recorded {done[ln]!r} "
-                                 "for it: the corpus changed since the first run; use --restart to score it anew")
-        rows = list(sample_rows(rows))
+        def todo():  # read as Ray asks for more (_Feed): never the whole corpus in memory
+            for ln, item in reader(args.corpus, shard=args.shard):
+                if ln not in done:
+                    yield ln, item
+                    continue
+                # Results are written in input order, so every resumed line is checked before anything new is written.
+                cid = item.sample_id if isinstance(item, LineError) else item.id
+                if done[ln] is not None and cid is not None and done[ln] != cid:
+                    raise ValueError(f"line {ln} of {args.corpus} has id {cid!r} but {out_path} recorded "
+                                     f"{done[ln]!r} for it: the corpus changed since the first run; use --restart to "
+                                     "score it anew")
+
+        n_todo = mine - sum(1 for ln in done if (ln - 1) % args.shard[1] == args.shard[0])
         started = not ray.is_initialized()
         if started:
             init = {"address": args.ray_address, "log_to_driver": True}
@@ -511,7 +694,7 @@ def cmd_score_ray(args, reader=None) -> int:
                 init["include_dashboard"] = False
             ray.init(**init)
         try:
-            return _run(args, ray, rows, writer, job, job_path, previous, done, mine, out_path)
+            return _run(args, ray, (todo(), n_todo), writer, job, job_path, previous, done, mine, out_path)
         finally:
             if started:
                 ray.shutdown()
@@ -519,7 +702,7 @@ def cmd_score_ray(args, reader=None) -> int:
         writer.close()
 
 
-def _run(args, ray, rows, writer, job, job_path, previous, done, mine, out_path) -> int:
+def _run(args, ray, todo, writer, job, job_path, previous, done, mine, out_path) -> int:
     settings = _ray_settings(args, ray)
     job.dtype = settings["dtype"]
     if previous is not None and previous.dtype not in (None, job.dtype):
@@ -532,16 +715,28 @@ def _run(args, ray, rows, writer, job, job_path, previous, done, mine, out_path)
     ctx.enable_progress_bars = False  # ours counts what is written
     ctx.print_on_execution_start = False
     try:
-        return _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, settings)
+        return _execute(args, ray, todo, writer, job, job_path, done, mine, out_path, settings)
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
 
 
-def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, settings) -> int:
+def feed_window(n_todo: int, batch_size: int) -> int:
+    """Records per feed window: a multiple of the stage batch size, large enough that a big job has at most about
+    1000 windows (Ray Data keeps some state per block, ~13 KB measured, and pays ~25 ms per block on 2 cores), and at
+    most ~4096 records (what the driver and the object store hold per window)."""
+    per = -(-n_todo // (1000 * batch_size))  # batches per window for <= 1000 windows
+    return batch_size * max(1, min(per, max(1, 4096 // batch_size)))
+
+
+def _execute(args, ray, todo, writer, job, job_path, done, mine, out_path, settings) -> int:
     from ixc_engine.corpus import count_lines
 
+    records, n_todo = todo
     bs = settings["batch_size"]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // bs, 1000)))
+    window = feed_window(n_todo, bs)
+    ahead = settings["prep_actors"] + settings["actors"] + 2  # a window queued at every actor, one being read
+    feed = _Feed(ray, records, n_windows=max(1, -(-n_todo // window)), window=window, ahead=ahead)
+    ds = feed.dataset()
     ds = build_pipeline(
         ds, args.model, hd_num=args.hd_num, max_length=args.max_length, batch_size=bs, actors=settings["actors"],
         gpus_per_actor=settings["gpus_per_actor"], cpus_per_actor=settings["cpus_per_actor"],
@@ -549,12 +744,12 @@ def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, setti
         max_batch_tokens=args.max_batch_tokens, prefix_cache=not args.no_prefix_cache, max_media=args.max_media,
         strict=args.strict, escape_special_tokens=args.escape_special_tokens,
     )
-    print(f"ray: {len(rows)} records to score on {settings['actors']} scoring actor(s) ({settings['device']}, "
-          f"{settings['dtype']}), {settings['prep_actors']} preparation actor(s)", file=sys.stderr)
-    order = [r["index"] for r in rows]
-    expected, written = set(order), set()
+    print(f"ray: {n_todo} records to score on {settings['actors']} scoring actor(s) ({settings['device']}, "
+          f"{settings['dtype']}), {settings['prep_actors']} preparation actor(s), fed in windows of {window}",
+          file=sys.stderr)
     pending: dict[int, tuple] = {}
-    pos = n_ok = n_err = n_warn = tokens = duplicates = computed = reused = 0
+    cur, pos, last = 0, 0, 0  # the window being written, the position in it, the last line written
+    n_ok = n_err = n_warn = tokens = duplicates = computed = reused = 0
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -562,20 +757,27 @@ def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, setti
         bar = tqdm(total=mine, initial=len(done), unit="sample", file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in _results(ds, feed):
             cols = {k: batch.column(k).to_pylist() for k in RESULT_COLUMNS}
             computed += sum(cols["tokens_computed"])
             reused += sum(cols["prefix_tokens_reused"])
             for index, sid, ok, score, n_tok, err, warns, _, _ in zip(*(cols[k] for k in RESULT_COLUMNS)):
-                # Exactly once whatever the transport does: a line already written or waiting is dropped.
-                if index in pending or index in written:
+                # Exactly once whatever the transport does: a line already written (lines are written in increasing
+                # order) or waiting is dropped.
+                if index <= last or index in pending:
                     duplicates += 1
                     continue
-                if index not in expected:
+                if not feed.in_flight(index):
                     raise RuntimeError(f"Ray returned a record for line {index}, which this job did not send")
                 pending[index] = (json.loads(sid), ok, score, n_tok, err, json.loads(warns))
-            while pos < len(order) and order[pos] in pending:
-                line = order[pos]
+            while (lines := feed.lines(cur)) is not None:
+                if pos == len(lines):  # window written: its slot goes to the next window
+                    feed.written(cur)
+                    cur, pos = cur + 1, 0
+                    continue
+                if lines[pos] not in pending:
+                    break
+                line = lines[pos]
                 sid, ok, score, n_tok, err, warns = pending.pop(line)
                 if ok:
                     writer.write_score(line, sid, score, n_tok, warns)
@@ -585,24 +787,29 @@ def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, setti
                 else:
                     writer.write_error(line, sid, err)
                     n_err += 1
-                written.add(line)
-                pos += 1
+                last, pos = line, pos + 1
                 if bar is not None:
                     bar.update(1)
             writer.flush()
             if bar is not None:
                 el = max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(f"{tokens / el:,.0f} tok/s, {n_err} errors", refresh=True)
+        while (lines := feed.lines(cur)) is not None and pos == len(lines):  # empty windows at the end
+            feed.written(cur)
+            cur, pos = cur + 1, 0
     except KeyboardInterrupt:
         print(f"\ninterrupted: {n_ok + n_err} lines written; run the same command again to resume", file=sys.stderr)
         return 130
     finally:
         if bar is not None:
             bar.close()
-    if pos != len(order) or pending:
-        missing = order[pos] if pos < len(order) else None
-        raise RuntimeError(f"Ray returned {pos} of {len(order)} records (first missing: line {missing}; "
-                           f"{len(pending)} out of place): the job is not complete; run the same command to resume")
+        feed.close()
+    if cur != feed.n_windows or pending or feed.records_sent != n_ok + n_err:
+        lines = feed.lines(cur) or []
+        missing = lines[pos] if pos < len(lines) else None
+        raise RuntimeError(f"Ray returned {n_ok + n_err} of {feed.records_sent} records (first missing: line "
+                           f"{missing}; {len(pending)} out of place): the job is not complete; run the same command "
+                           "to resume")
     writer.flush()  # fsynced before the job is marked complete; the caller closes it
     job.complete = True
     job.errors = count_lines(writer.errors_path)
@@ -614,6 +821,8 @@ def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, setti
         "samples_per_s": round((n_ok + n_err) / el, 3) if el else None,
         "tokens_per_s": round(tokens / el, 1) if el else None, "tokens_computed": computed,
         "prefix_tokens_reused": reused, "duplicates_dropped": duplicates,
+        "feed": {"window": window, "windows": feed.n_windows, "ahead": ahead,
+                 "max_records_in_ray": feed.max_resident},
         "ray": {k: settings[k] for k in ("actors", "gpus_per_actor", "cpus_per_actor", "prep_actors", "batch_size")},
         "scores": str(out_path), "errors_file": str(writer.errors_path),
     }))  # the summary on stdout (progress and logs on stderr), as the local job
