@@ -18,8 +18,9 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 pytest.importorskip("av")
 
+import ixc_engine.integrations.ray as ray_integration
 from ixc_engine.cli import main
-from ixc_engine.integrations.ray import decode_prepared, encode_prepared, sample_rows
+from ixc_engine.integrations.ray import decode_prepared, encode_prepared, feed_window, sample_rows
 from tests.ray_common import (
     N_LINES,
     TOL,
@@ -94,7 +95,7 @@ def test_ray_job_equals_local_job(cluster, job, tmp_path, capsys):
     assert summary(capsys.readouterr().out)["skipped_already_done"] == N_LINES
 
 
-def test_driver_streams_the_corpus_in_bounded_windows(cluster, job, tmp_path, capsys):
+def test_driver_streams_the_corpus_in_bounded_windows(cluster, job, tmp_path, capsys, monkeypatch):
     """The driver reads the corpus as Ray asks for more: at every record it reads, at most (ahead + 1) windows are
     read and not yet written (so never the whole corpus in memory), and Ray holds at most `ahead` windows."""
     from ixc_engine.cli import build_parser
@@ -118,6 +119,19 @@ def test_driver_streams_the_corpus_in_bounded_windows(cluster, job, tmp_path, ca
     assert (feed["window"], feed["windows"], feed["ahead"]) == (2, 11, 4)  # 1 preparation + 1 scoring actor + 2
     assert 0 < feed["max_records_in_ray"] <= feed["ahead"] * feed["window"] < N_LINES
     assert len(read_ahead) == N_LINES and max(read_ahead) <= (feed["ahead"] + 1) * feed["window"] + 1 < N_LINES
+    # A byte budget smaller than one window: one window at a time, and the job still completes.
+    monkeypatch.setattr(ray_integration, "FEED_BYTES", 1)
+    args.restart = True
+    assert cmd_score_ray(args, reader=reader) == 0
+    assert_same_results(out, local)
+    assert summary(capsys.readouterr().out)["feed"]["max_records_in_ray"] == 2
+
+
+def test_feed_window_sizes():
+    assert feed_window(22, 2) == 2  # small jobs: one batch per window
+    assert feed_window(200_000, 64) == 256  # about 1000 windows
+    assert feed_window(10_000_000, 64) == 1024  # capped: the driver's memory does not grow with the corpus
+    assert feed_window(100, 5000) == 5000  # never less than one batch
 
 
 def test_changed_corpus_found_while_streaming_ends_the_job_with_its_reason(cluster, tiny_ckpt, tmp_path, capsys):

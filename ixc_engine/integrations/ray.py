@@ -51,6 +51,8 @@ import numpy as np
 
 RESULT_COLUMNS = ("index", "id", "ok", "score", "n_tokens", "error", "warnings", "tokens_computed",
                   "prefix_tokens_reused")
+FEED_MAX_WINDOW = 1024  # records per driver feed window at most (unless one batch is larger)
+FEED_BYTES = 256 << 20  # input rows the driver has handed to Ray and not yet written, at most (or one window)
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}
 
@@ -416,17 +418,20 @@ def _input_types():
 
 class _Feed:
     """The driver's records, streamed to Ray: a thread reads `records` ((index, Sample | SampleError) in input order)
-    and puts them in the object store `window` at a time, at most `ahead` windows that are not written yet; Ray
-    Data's input is the list of window numbers (`dataset`), fetched by `_Fetch` from the `_Feeder` actor. So the
-    driver holds at most `ahead` windows of records (`max_resident` counts them), whatever the corpus size."""
+    and puts them in the object store `window` at a time, at most `ahead` windows and `max_bytes` of rows (or one
+    window, whatever its size) that are not written yet; Ray Data's input is the list of window numbers (`dataset`),
+    fetched by `_Fetch` from the `_Feeder` actor. So the driver holds at most `ahead` windows of records
+    (`max_resident` counts them), whatever the corpus size."""
 
-    def __init__(self, ray, records: Iterable[tuple[int, Any]], *, n_windows: int, window: int, ahead: int) -> None:
+    def __init__(self, ray, records: Iterable[tuple[int, Any]], *, n_windows: int, window: int, ahead: int,
+                 max_bytes: int | None = None) -> None:
         import threading
 
-        self.ray, self.n_windows, self.window = ray, n_windows, window
+        self.ray, self.n_windows, self.window, self.ahead = ray, n_windows, window, ahead
+        self.max_bytes = FEED_BYTES if max_bytes is None else max_bytes
         self.feeder = ray.remote(_Feeder).options(num_cpus=0, max_restarts=0).remote()
-        self._slots = threading.Semaphore(ahead)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._bytes: dict[int, int] = {}  # window -> bytes of its rows, until written
         self._lines: dict[int, list[int]] = {}  # window -> its record indexes, until written
         self._refs: dict[int, Any] = {}
         self._resident: set[int] = set()  # record indexes handed to Ray and not written yet
@@ -468,14 +473,18 @@ class _Feed:
         if k >= self.n_windows:
             raise ValueError("the corpus has more records to score than it had when the job started (it changed "
                              "while being read): run the same command again")
-        if items:
-            while not self._slots.acquire(timeout=0.2):
-                if self._stop.is_set():
-                    raise _Stopped
         rows = list(sample_rows(items))
         table = _table({"index": [r["index"] for r in rows], "sample": [r["sample"] for r in rows]}, _input_types())
+        with self._lock:  # room for it: fewer than `ahead` windows out, and under max_bytes (or none out)
+            while items and self._bytes and (len(self._bytes) >= self.ahead or
+                                             sum(self._bytes.values()) + table.nbytes > self.max_bytes):
+                if self._stop.is_set():
+                    raise _Stopped
+                self._lock.wait(0.2)
         ref = self.ray.put(table)
         with self._lock:
+            if items:
+                self._bytes[k] = table.nbytes
             self._lines[k] = [r["index"] for r in rows]
             self._refs[k] = ref
             self._resident.update(self._lines[k])
@@ -498,10 +507,10 @@ class _Feed:
         with self._lock:
             lines = self._lines.pop(k)
             self._refs.pop(k, None)
+            self._bytes.pop(k, None)
             self._resident.difference_update(lines)
+            self._lock.notify_all()
         self.feeder.drop.remote(k)
-        if lines:
-            self._slots.release()
 
     def close(self) -> None:
         self._stop.set()
@@ -517,7 +526,9 @@ class _Stopped(Exception):
 def _results(ds, feed: _Feed):
     """The scored batches; when the feed failed (e.g. a changed corpus), its error rather than Ray's report of it."""
     try:
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        # prefetch_batches=0: each block as soon as it is there (with prefetching, Ray 2.60 waits for the next block
+        # before it hands out one, and the next window may only be fed once this one is written)
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
     except Exception:
         if feed.error is not None:
             raise feed.error from None
@@ -721,11 +732,11 @@ def _run(args, ray, todo, writer, job, job_path, previous, done, mine, out_path)
 
 
 def feed_window(n_todo: int, batch_size: int) -> int:
-    """Records per feed window: a multiple of the stage batch size, large enough that a big job has at most about
-    1000 windows (Ray Data keeps some state per block, ~13 KB measured, and pays ~25 ms per block on 2 cores), and at
-    most ~4096 records (what the driver and the object store hold per window)."""
+    """Records per feed window: a multiple of the stage batch size, large enough that a job has at most about 1000
+    windows when it can (Ray Data keeps some state per block, ~13 KB measured, and pays ~25 ms per block on 2 cores),
+    and at most FEED_MAX_WINDOW records (what the driver and the object store hold per window)."""
     per = -(-n_todo // (1000 * batch_size))  # batches per window for <= 1000 windows
-    return batch_size * max(1, min(per, max(1, 4096 // batch_size)))
+    return batch_size * max(1, min(per, max(1, FEED_MAX_WINDOW // batch_size)))
 
 
 def _execute(args, ray, todo, writer, job, job_path, done, mine, out_path, settings) -> int:
