@@ -116,7 +116,7 @@ def test_driver_streams_the_corpus_in_bounded_windows(cluster, job, tmp_path, ca
     assert cmd_score_ray(args, reader=reader) == 0
     assert_same_results(out, local)
     feed = summary(capsys.readouterr().out)["feed"]
-    assert (feed["window"], feed["windows"], feed["ahead"]) == (2, 11, 4)  # 1 preparation + 1 scoring actor + 2
+    assert (feed["window"], feed["windows"], feed["ahead"]) == (2, 11, 8)  # 2 * (1 preparation + 1 scoring) + 4
     assert 0 < feed["max_records_in_ray"] <= feed["ahead"] * feed["window"] < N_LINES
     assert len(read_ahead) == N_LINES and max(read_ahead) <= (feed["ahead"] + 1) * feed["window"] + 1 < N_LINES
     # A byte budget smaller than one window: one window at a time, and the job still completes.
