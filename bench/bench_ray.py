@@ -8,6 +8,7 @@ speed-up: the two actors share the cores that one local job uses.
 
     python bench/bench_ray.py [--corpus examples/corpus.jsonl --model examples/demo-model --copies 1] [--threads 1]
     python bench/bench_ray.py --prep-costs      # what one sample costs the preparation stage, and its row encoding
+    python bench/bench_ray.py --driver-memory   # the driver's peak RSS on N and 4N lines: flat, the corpus is streamed
 """
 
 from __future__ import annotations
@@ -168,6 +169,46 @@ def prep_costs(threads: int) -> None:
     print(f"torch threads: {threads}; load average: {load()}")
 
 
+def driver_memory(lines: int) -> None:
+    """Peak RSS of the `score --ray` driver process on text corpora of `lines` and 4 x `lines` records of ~10 KB each,
+    every one over --max-length 64 (tokenized by the preparation actors, then an error record: cheap to score, so that
+    the records' size, not the model, dominates). The driver joins a Ray instance started here, so the actors are
+    not its children and its RSS is its own (ru_maxrss of a wrapper process's only child)."""
+    import ray
+
+    from ixc_engine.tiny import init_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = init_tiny(tmp / "model")
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        address = ray.get_runtime_context().gcs_address
+        print(f"load average at start: {load()}", file=sys.stderr)
+        print("| lines | corpus MB | wall s | driver peak RSS MB | feed |")
+        print("| --- | --- | --- | --- | --- |")
+        for n in (lines, 4 * lines):
+            corpus = tmp / f"c{n}.jsonl"
+            with open(corpus, "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps({"id": i, "messages": [{"role": "user", "content": f"q{i}"}, {
+                        "role": "assistant", "content": f"word{i} " * 1200}]}) + "\n" for i in range(n))
+            cmd = [sys.executable, "-m", "ixc_engine.cli", "score", str(corpus), "--model", str(model), "-o",
+                   str(tmp / f"s{n}.jsonl"), "--ray", "--ray-address", address, "--max-length", "64", "--no-progress"]
+            wrapper = ("import json, resource, subprocess, sys; p = subprocess.run(json.loads(sys.argv[1]), "
+                       "capture_output=True, text=True); print(p.returncode, resource.getrusage("
+                       "resource.RUSAGE_CHILDREN).ru_maxrss); print(p.stdout)")
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", wrapper, json.dumps(cmd)], capture_output=True, text=True,
+                                 check=True).stdout
+            wall = time.perf_counter() - t0
+            rc, rss = (int(x) for x in out.splitlines()[0].split())
+            if rc != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed (rc {rc})")
+            s = json.loads([x for x in out.splitlines() if x.startswith('{"scored"')][-1])
+            print(f"| {n} | {corpus.stat().st_size / 2**20:.1f} | {wall:.1f} | {rss / 1024:.0f} | {s['feed']} |")
+        ray.shutdown()
+    print(f"load average at end: {load()}", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", type=Path, default=REPO / "examples" / "corpus.jsonl")
@@ -179,7 +220,12 @@ def main() -> None:
                     "(--ray-cpus-per-actor); default: the local job's own default and the machine's cores split "
                     "between the actors. Ray's one-CPU preparation actors always run one thread")
     ap.add_argument("--prep-costs", action="store_true", help="only the per-sample costs of the preparation stage")
+    ap.add_argument("--driver-memory", type=int, nargs="?", const=2000, default=None, metavar="N",
+                    help="only the driver's peak RSS on N and 4N text lines (default N: 2000)")
     args = ap.parse_args()
+    if args.driver_memory:
+        driver_memory(args.driver_memory)
+        return
     if args.prep_costs:
         prep_costs(args.threads or 1)
         return

@@ -11,6 +11,10 @@ import textwrap
 import time
 from pathlib import Path
 
+from ixc_engine.formats.jobs import check_outputs_apart as _check_outputs_apart  # the job helpers ray.py shares
+from ixc_engine.formats.jobs import model_key as _model_key
+from ixc_engine.formats.jobs import shard_output
+
 # Only the standard library at import time: a Ctrl-C while torch loads is then caught by main() (exit 130, no
 # traceback), and --help is instant. Each command imports what it needs.
 
@@ -214,28 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)  # every argument, --help included, goes to ixc_engine.training.cli
     tr.add_argument("rest", nargs=argparse.REMAINDER)
     return p
-
-
-def shard_output(path: Path, shard: tuple[int, int]) -> Path:
-    i, n = shard
-    if n == 1:
-        return path
-    stem = path.name.removesuffix(".jsonl")
-    return path.with_name(f"{stem}.shard{i}-of-{n}.jsonl")
-
-
-def _model_key(model: str) -> str:
-    """How a job remembers its model: the absolute path of a local directory, else the hub id as given."""
-    return str(Path(model).resolve()) if Path(model).exists() else model
-
-
-def _check_outputs_apart(inputs: dict[str, Path], outputs: list[Path]) -> None:
-    from ixc_engine.corpus import same_file
-
-    for out in outputs:
-        for what, path in inputs.items():
-            if same_file(out, path):
-                raise ValueError(f"output {out} is the {what} {path}: choose another -o")
 
 
 def _cuda_available() -> bool:

@@ -118,3 +118,38 @@ def lines_written(out: Path) -> int:
 
 def summary(stderr: str) -> dict:
     return json.loads([x for x in stderr.splitlines() if x.startswith('{"scored"')][-1])
+
+
+WARNINGS_ARGS = ("--max-length", "900", "--max-media", "1")
+
+
+def make_warnings_corpus(d: Path) -> Path:
+    """Samples that the local job scores with "warnings" (roles out of order, a last message that is not the
+    assistant's, an empty reply, special-token strings, a media-like key that is not read, a 16-bit image), errors that
+    carry a warning in their reason, one over --max-length 900 and one over --max-media 1, and two clean samples."""
+    (d / "img").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(d / "img" / "red.png")
+    Image.new("I;16", (40, 30), 1000).save(d / "img" / "deep.png")
+
+    def msg(q, a):
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+    recs = [
+        {"id": "clean", "messages": msg("Hi?", "Hello.")},
+        {"id": "user-last", "messages": [{"role": "user", "content": "Anyone there?"}]},
+        {"id": "empty-reply", "messages": msg("Say something.", " ")},
+        {"id": "special", "messages": msg("Finish?", "Done.</s>[UNUSED_TOKEN_145] Sure.")},
+        {"id": "media-key", "messages": msg("What is shown?", "A clip."), "video": "img/clip.mp4"},
+        {"id": "deep", "messages": msg("What colour?", "Grey."), "images": ["img/deep.png"]},
+        {"id": "out-of-order", "messages": [{"role": "assistant", "content": "I start."},
+                                            {"role": "user", "content": "Fine."},
+                                            {"role": "assistant", "content": "Good.</s>"}]},
+        {"id": "warned-error", "messages": msg("<ImageHere>Look.", "Seen."), "picture": "img/red.png"},
+        {"id": "too-long", "messages": msg("Tell me a story.", "Once upon a time " * 250)},
+        {"id": "two-images", "messages": msg("<ImageHere><ImageHere>Compare.", "Same."),
+         "images": ["img/red.png", "img/red.png"]},
+        {"id": "clean-image", "messages": msg("What colour?", "Red."), "images": ["img/red.png"]},
+    ]
+    path = d / "warnings.jsonl"  # scored with WARNINGS_ARGS
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path

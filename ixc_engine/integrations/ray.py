@@ -1,29 +1,33 @@
 """Corpus scoring on Ray Data: a CPU preparation stage, a scoring stage (one engine per actor), and the driver of
 `ixc-engine score --ray`.
 
-The stages compose into any Ray Data pipeline::
+The stages compose into any Ray Data pipeline (README, "Running on a Ray cluster", runs this on the demo model)::
 
     from ixc_engine.corpus import read_corpus
     from ixc_engine.integrations.ray import Prepare, Score, sample_rows
 
     ds = ray.data.from_items(list(sample_rows(read_corpus("corpus.jsonl"))))
     ds = ds.map_batches(Prepare, fn_constructor_kwargs={"model": M}, batch_size=64, batch_format="pyarrow",
-                        num_cpus=1, concurrency=4)
+                        num_cpus=1, compute=ray.data.ActorPoolStrategy(size=4))
     ds = ds.map_batches(Score, fn_constructor_kwargs={"model": M}, batch_size=64, batch_format="pyarrow",
-                        num_gpus=1, concurrency=2)
-    # (Ray >= 2.51 prefers compute=ray.data.ActorPoolStrategy(size=N) to concurrency=N; build_pipeline uses it.)
-    for batch in ds.iter_batches(batch_size=None): ...   # columns index, id (JSON), ok, score, n_tokens, error
+                        num_gpus=1, compute=ray.data.ActorPoolStrategy(size=2))
+    for batch in ds.iter_batches(batch_size=None): ...   # index, id (JSON), ok, score, n_tokens, error, warnings
+
+Ray 2.60 documents `concurrency=N` as deprecated in favour of `compute=ray.data.ActorPoolStrategy(size=N)` (the
+form above; `concurrency=N` still runs, without a warning yet), and warns (RayDeprecationWarning) on any other
+`ray.remote` option passed to map_batches as a keyword (`max_restarts=...`): `build_pipeline` passes none.
 
 Rows between the stages (all Arrow columns, nothing pickled):
-- input (`sample_rows`): `index` int64 (the record's line number), `sample` JSON text: {"messages", "media", "id"}
-  for a sample, {"error", "id"} for a record the reader could not parse. Any reader yielding
+- input (`sample_rows`): `index` int64 (the record's line number), `sample` JSON text: {"messages", "media", "id",
+  "warnings"} for a sample, {"error", "id"} for a record the reader could not parse. Any reader yielding
   (index, Sample | SampleError) pairs plugs in.
-- prepared (`Prepare`): `index`, `meta` JSON text (id, piece lengths, media grid/kind/digest, n_tokens, or the
-  error), `tokens` (int32 token ids of all text pieces, raw little-endian bytes) and `pixels` (float32 crops of all
+- prepared (`Prepare`): `index`, `meta` JSON text (id, piece lengths, media grid/kind/digest, n_tokens, warnings, or
+  the error), `tokens` (int32 token ids of all text pieces, raw little-endian bytes) and `pixels` (float32 crops of all
   media, [sum(1 + h*w), 3, 560, 560], raw bytes), both Arrow large_binary buffers that the scorer views with
   np.frombuffer.
 - scored (`Score`): `index`, `id` (JSON text, so that ints stay ints), `ok`, `score`, `n_tokens` (-1 for errors),
-  `error` ("" when scored), and the batch's `tokens_computed` / `prefix_tokens_reused` (the engine's counters, on
+  `error` ("" when scored), `warnings` (JSON list of the sample's warnings, as the local job writes them), and the
+  batch's `tokens_computed` / `prefix_tokens_reused` (the engine's counters, on
   the batch's first row, 0 on the others: their sums over a job are the job's).
 
 Nothing here imports Ray at module import time; the engine never imports this module.
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import math
 import os
@@ -42,7 +47,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-RESULT_COLUMNS = ("index", "id", "ok", "score", "n_tokens", "error", "tokens_computed", "prefix_tokens_reused")
+RESULT_COLUMNS = ("index", "id", "ok", "score", "n_tokens", "error", "warnings", "tokens_computed",
+                  "prefix_tokens_reused")
+FEED_MAX_WINDOW = 1024  # records per driver feed window at most (unless one batch is larger)
+FEED_BYTES = 256 << 20  # input rows the driver has handed to Ray and not yet written, at most (or one window)
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}
 
@@ -108,7 +116,8 @@ def _result_types():
     import pyarrow as pa
 
     return {"index": pa.int64(), "id": pa.string(), "ok": pa.bool_(), "score": pa.float64(), "n_tokens": pa.int64(),
-            "error": pa.string(), "tokens_computed": pa.int64(), "prefix_tokens_reused": pa.int64()}
+            "error": pa.string(), "warnings": pa.string(), "tokens_computed": pa.int64(),
+            "prefix_tokens_reused": pa.int64()}
 
 
 def encode_prepared(p) -> tuple[str, bytes, bytes]:
@@ -121,7 +130,8 @@ def encode_prepared(p) -> tuple[str, bytes, bytes]:
         else:
             lens.append(-1 - piece)  # a media slot
     media = [[m.h, m.w, m.kind, d] for m, d in zip(p.media, p.media_digests)]
-    meta = json.dumps({"id": p.id, "pieces": lens, "media": media, "n_tokens": p.n_tokens})
+    meta = json.dumps({"id": p.id, "pieces": lens, "media": media, "n_tokens": p.n_tokens,
+                       "warnings": list(p.warnings)})
     import numpy as np
 
     pixels = b"".join(np.ascontiguousarray(m.pixel_values.numpy(), dtype=np.float32).tobytes() for m in p.media)
@@ -155,7 +165,7 @@ def decode_prepared(meta: dict, tokens, pixels):
         off += n
     if pos != len(ids) or off != len(flat):
         raise ValueError("prepared row does not match its description (corrupt object?)")
-    return PreparedSample(meta["id"], pieces, media, digests, meta["n_tokens"])
+    return PreparedSample(meta["id"], pieces, media, digests, meta["n_tokens"], list(meta.get("warnings", [])))
 
 
 def _checkpoint_files(model: str) -> tuple[Path, int]:
@@ -177,11 +187,15 @@ class Prepare:
     """CPU stage: validate, template + tokenize, decode and crop media. Use as a callable class in map_batches.
 
     Identical media within a batch are loaded once. A sample that cannot be prepared becomes an error row (never an
-    exception: one bad sample must not fail the job).
+    exception: one bad sample must not fail the job), with the local job's very message. The options are the local
+    job's (`EngineConfig`): at most `max_media` media per sample; `strict`: a sample with warnings is an error
+    ("rejected by --strict: ..."); `escape_special_tokens`: special-token strings in the text are plain text.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer_path: str | None = None, hd_num: int = 9,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, max_media: int | None = None, strict: bool = False,
+                 escape_special_tokens: bool = False) -> None:
+        from ixc_engine.engine.sequence import MAX_MEDIA
         from ixc_engine.tokenizer import Tokenizer
 
         if model is not None:
@@ -192,12 +206,17 @@ class Prepare:
             raise ValueError("Prepare needs model=, or tokenizer_path= and max_length=")
         if not isinstance(hd_num, int) or hd_num < 1:
             raise ValueError(f"hd_num must be an integer >= 1, got {hd_num!r}")
+        max_media = MAX_MEDIA if max_media is None else max_media
+        if not isinstance(max_media, int) or max_media < 1:
+            raise ValueError(f"max_media must be an integer >= 1, got {max_media!r}")
         self.tokenizer = Tokenizer.from_file(tokenizer_path or tok)
         self.hd_num = hd_num
         self.max_length = max_length or model_max
+        self.max_media, self.strict, self.escape_special_tokens = max_media, bool(strict), bool(escape_special_tokens)
 
     def __call__(self, batch):
-        from ixc_engine.engine.sequence import Sample, SampleError, prepare_sample
+        from ixc_engine.engine.engine import as_sample_error
+        from ixc_engine.engine.sequence import Sample, prepare_sample
 
         out = {"index": [], "meta": [], "tokens": [], "pixels": []}
         media_cache: dict = {}
@@ -211,12 +230,15 @@ class Prepare:
                     sample = Sample(obj["messages"], [_media_item(m) for m in obj["media"]], id=obj["id"],
                                     warnings=obj.get("warnings", []))
                     p = prepare_sample(self.tokenizer, sample, hd_num=self.hd_num, max_length=self.max_length,
-                                       media_cache=media_cache)
-                    meta, tokens, pixels = encode_prepared(p)
-                except SampleError as exc:
-                    meta = json.dumps({"id": obj["id"], "error": str(exc)})
-                except Exception as exc:  # noqa: BLE001 (an unforeseen failure of one sample is that sample's error)
-                    meta = json.dumps({"id": obj["id"], "error": f"preparation failed ({type(exc).__name__}: {exc})"})
+                                       media_cache=media_cache, max_media=self.max_media,
+                                       escape_special=self.escape_special_tokens)
+                except Exception as exc:  # noqa: BLE001 (whatever one sample holds is its own error, as locally)
+                    meta = json.dumps({"id": obj["id"], "error": str(as_sample_error(exc))})
+                else:
+                    if self.strict and p.warnings:  # as the local engine's --strict (engine.py, _finish)
+                        meta = json.dumps({"id": obj["id"], "error": "rejected by --strict: " + "; ".join(p.warnings)})
+                    else:
+                        meta, tokens, pixels = encode_prepared(p)
             out["index"].append(int(index))
             out["meta"].append(meta)
             out["tokens"].append(tokens)
@@ -260,6 +282,7 @@ class Score:
             out["score"].append(math.nan)
             out["n_tokens"].append(-1)
             out["error"].append(meta.get("error", ""))
+            out["warnings"].append("[]")
             out["tokens_computed"].append(0)
             out["prefix_tokens_reused"].append(0)
             if "error" not in meta:
@@ -283,8 +306,12 @@ class Score:
             for (row, p), r in zip(todo, results):
                 if isinstance(r, SampleError):
                     out["error"][row] = str(r)
+                elif not math.isfinite(r):  # the local engine's message (engine.py, _finish)
+                    out["error"][row] = (f"the model gave a non-finite score ({r}) for this sample; it is not written "
+                                         "as a score (check the checkpoint, the dtype and the sample)")
                 else:
                     out["ok"][row], out["score"][row], out["n_tokens"][row] = True, float(r), p.n_tokens
+                    out["warnings"][row] = json.dumps(p.warnings)
         if out["index"]:
             out["tokens_computed"][0] = stats.tokens_computed - computed
             out["prefix_tokens_reused"][0] = stats.prefix_tokens_reused - reused
@@ -298,28 +325,219 @@ def _actor_pool(ray_data, size: int):
 def build_pipeline(ds, model: str, *, hd_num: int = 9, max_length: int | None = None, batch_size: int = 64,
                    actors: int = 1, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, prep_actors: int = 1,
                    device: str | None = None, dtype: str | None = None, max_batch_tokens: int = 16384,
-                   prefix_cache: bool = True, **remote_args):
+                   prefix_cache: bool = True, max_media: int | None = None, strict: bool = False,
+                   escape_special_tokens: bool = False):
     """ds (rows of `sample_rows`) -> scored rows: Prepare on `prep_actors` one-CPU actors, Score on `actors` actors
     with `gpus_per_actor` GPUs (CPU scoring when 0) each.
 
-    A dead actor is restarted and its batch redone: Ray Data gives its actors max_restarts=-1 and max_task_retries=-1
-    unless told otherwise (`remote_args`, passed to both stages, e.g. max_restarts=3)."""
+    A dead actor is restarted and its batch redone: Ray Data gives its actors max_restarts=-1 and max_task_retries=-1.
+    (Other `ray.remote` options would go through map_batches' **ray_remote_args, which Ray 2.60 deprecates; to set
+    them, call map_batches with the stages yourself.)"""
     import ray.data
 
-    fault = dict(remote_args)
     threads = max(1, int(cpus_per_actor)) if gpus_per_actor == 0 else None
     ds = ds.map_batches(
-        Prepare, fn_constructor_kwargs={"model": model, "hd_num": hd_num, "max_length": max_length},
+        Prepare, fn_constructor_kwargs={"model": model, "hd_num": hd_num, "max_length": max_length,
+                                        "max_media": max_media, "strict": strict,
+                                        "escape_special_tokens": escape_special_tokens},
         batch_size=batch_size, batch_format="pyarrow", compute=_actor_pool(ray.data, prep_actors), num_cpus=1,
-        **fault,
     )
     return ds.map_batches(
         Score, fn_constructor_kwargs={"model": model, "device": device, "dtype": dtype, "max_length": max_length,
                                       "max_batch_tokens": max_batch_tokens, "prefix_cache": prefix_cache,
                                       "threads": threads},
         batch_size=batch_size, batch_format="pyarrow", compute=_actor_pool(ray.data, actors),
-        num_gpus=gpus_per_actor, num_cpus=cpus_per_actor, **fault,
+        num_gpus=gpus_per_actor, num_cpus=cpus_per_actor,
     )
+
+
+# --- the driver's input feed -----------------------------------------------------------------------------------------
+class _Feeder:
+    """A Ray actor (async): the input windows the driver has put in the object store, by number. `_Fetch` asks for
+    window k and waits until the driver has put it; a window is dropped once all its records are written, so that a
+    retried fetch still finds it, and one already written (k below `low`) comes back as None."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.refs: dict[int, Any] = {}
+        self.low = 0  # windows below this are written and dropped
+        self.error: str | None = None
+        self.changed = asyncio.Event()
+
+    def _wake(self) -> None:
+        import asyncio
+
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def put(self, k: int, ref: list) -> None:
+        self.refs[k] = ref[0]
+        self._wake()
+
+    def drop(self, k: int) -> None:
+        self.refs.pop(k, None)
+        self.low = max(self.low, k + 1)
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        self._wake()
+
+    async def get(self, k: int) -> list | None:
+        while k not in self.refs:
+            if k < self.low:
+                return None
+            if self.error is not None:
+                raise RuntimeError(f"the driver stopped feeding records: {self.error}")
+            await self.changed.wait()
+        return [self.refs[k]]  # in a list: the caller gets the reference, not the value
+
+
+class _Fetch:
+    """First stage of the driver's pipeline: window number -> that window's input rows (`sample_rows`)."""
+
+    def __init__(self, feeder) -> None:
+        self.feeder = feeder
+
+    def __call__(self, batch):
+        import pyarrow as pa
+        import ray
+
+        tables = []
+        for k in _column(batch, "window"):
+            got = ray.get(self.feeder.get.remote(int(k)))
+            if got is not None:
+                tables.append(ray.get(got[0]))
+        return pa.concat_tables(tables) if tables else _table({"index": [], "sample": []}, _input_types())
+
+
+def _input_types():
+    import pyarrow as pa
+
+    return {"index": pa.int64(), "sample": pa.string()}
+
+
+class _Feed:
+    """The driver's records, streamed to Ray: a thread reads `records` ((index, Sample | SampleError) in input order)
+    and puts them in the object store `window` at a time, at most `ahead` windows and `max_bytes` of rows (or one
+    window, whatever its size) that are not written yet; Ray Data's input is the list of window numbers (`dataset`),
+    fetched by `_Fetch` from the `_Feeder` actor. So the driver holds at most `ahead` windows of records
+    (`max_resident` counts them), whatever the corpus size."""
+
+    def __init__(self, ray, records: Iterable[tuple[int, Any]], *, n_windows: int, window: int, ahead: int,
+                 max_bytes: int | None = None) -> None:
+        import threading
+
+        self.ray, self.n_windows, self.window, self.ahead = ray, n_windows, window, ahead
+        self.max_bytes = FEED_BYTES if max_bytes is None else max_bytes
+        self.feeder = ray.remote(_Feeder).options(num_cpus=0, max_restarts=0).remote()
+        self._lock = threading.Condition()
+        self._bytes: dict[int, int] = {}  # window -> bytes of its rows, until written
+        self._lines: dict[int, list[int]] = {}  # window -> its record indexes, until written
+        self._refs: dict[int, Any] = {}
+        self._resident: set[int] = set()  # record indexes handed to Ray and not written yet
+        self.max_resident = self.records_sent = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(records,), name="ixc-ray-feed", daemon=True)
+        self._thread.start()
+
+    def dataset(self):
+        ray = self.ray
+        ds = ray.data.from_items([{"window": k} for k in range(self.n_windows)], override_num_blocks=self.n_windows)
+        # One window per block: Ray Data buffers a task's output until the task ends (or 128 MB), so a task holding
+        # several windows would wait for records that are only fed once its first window is written. Two fetch
+        # actors: one window's round trips to the feeder and the object store overlap the next one's.
+        return ds.map_batches(_Fetch, fn_constructor_kwargs={"feeder": self.feeder}, batch_size=1,
+                              batch_format="pyarrow", num_cpus=0,
+                              compute=ray.data.ActorPoolStrategy(size=min(2, self.n_windows)))
+
+    def _produce(self, records) -> None:
+        k, buf = 0, []
+        try:
+            for item in records:
+                buf.append(item)
+                if len(buf) == self.window:
+                    self._put(k, buf)
+                    k, buf = k + 1, []
+            if buf:
+                self._put(k, buf)
+                k += 1
+            while k < self.n_windows:  # fewer records than counted (the file changed): empty windows, no slot
+                self._put(k, [])
+                k += 1
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 (told to the main thread, which raises it)
+            self.error = exc
+            self.feeder.fail.remote(f"{type(exc).__name__}: {exc}")
+
+    def _put(self, k: int, items: list) -> None:
+        if k >= self.n_windows:
+            raise ValueError("the corpus has more records to score than it had when the job started (it changed "
+                             "while being read): run the same command again")
+        rows = list(sample_rows(items))
+        table = _table({"index": [r["index"] for r in rows], "sample": [r["sample"] for r in rows]}, _input_types())
+        with self._lock:  # room for it: fewer than `ahead` windows out, and under max_bytes (or none out)
+            while items and self._bytes and (len(self._bytes) >= self.ahead or
+                                             sum(self._bytes.values()) + table.nbytes > self.max_bytes):
+                if self._stop.is_set():
+                    raise _Stopped
+                self._lock.wait(0.2)
+        ref = self.ray.put(table)
+        with self._lock:
+            if items:
+                self._bytes[k] = table.nbytes
+            self._lines[k] = [r["index"] for r in rows]
+            self._refs[k] = ref
+            self._resident.update(self._lines[k])
+            self.records_sent += len(rows)
+            self.max_resident = max(self.max_resident, len(self._resident))
+        self.feeder.put.remote(k, [ref])
+
+    def lines(self, k: int) -> list[int] | None:
+        """Window k's record indexes, once it is sent."""
+        if self.error is not None:
+            raise self.error
+        with self._lock:
+            return self._lines.get(k)
+
+    def in_flight(self, index: int) -> bool:
+        with self._lock:
+            return index in self._resident
+
+    def written(self, k: int) -> None:
+        with self._lock:
+            lines = self._lines.pop(k)
+            self._refs.pop(k, None)
+            self._bytes.pop(k, None)
+            self._resident.difference_update(lines)
+            self._lock.notify_all()
+        self.feeder.drop.remote(k)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):  # already gone with its cluster
+            self.ray.kill(self.feeder)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _results(ds, feed: _Feed):
+    """The scored batches; when the feed failed (e.g. a changed corpus), its error rather than Ray's report of it."""
+    try:
+        # prefetch_batches=0: each block as soon as it is there (with prefetching, Ray 2.60 waits for the next block
+        # before it hands out one, and the next window may only be fed once this one is written)
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+    except Exception:
+        if feed.error is not None:
+            raise feed.error from None
+        raise
+    if feed.error is not None:
+        raise feed.error
 
 
 # --- command line -----------------------------------------------------------------------------------------------------
@@ -413,9 +631,9 @@ def cmd_score_ray(args, reader=None) -> int:
     (line, Sample | LineError)), not with ray.data.read_json/read_text: those lose line numbers and ids' JSON types,
     read_json fails a whole block on one invalid line, read_text drops empty lines and fails a whole file on one
     byte of bad UTF-8; the local reader gives every line its own record, error or not, exactly as a local job does.
-    The parsed rows (text only; media stay files that the workers open) go to Ray with from_items.
+    The parsed rows (text only; media stay files that the workers open, in-memory media travel as their bytes) are
+    streamed to Ray window by window (`_Feed`): the driver holds a few windows, never the corpus.
     """
-    from ixc_engine.cli import _check_outputs_apart, _model_key, shard_output
     from ixc_engine.corpus import (
         JobManifest,
         LineError,
@@ -424,6 +642,7 @@ def cmd_score_ray(args, reader=None) -> int:
         errors_path_for,
         job_path_for,
     )
+    from ixc_engine.formats.jobs import check_outputs_apart, model_key, shard_output
     from ixc_engine.formats.source import open_corpus
 
     source = open_corpus(args.corpus, getattr(args, "format", None), getattr(args, "media_root", None))
@@ -436,21 +655,18 @@ def cmd_score_ray(args, reader=None) -> int:
     if args.workers:
         raise ValueError("--workers is the local job's preparation; with --ray, preparation runs in Ray actors: "
                          "use --ray-prep-cpus")
-    for flag in ("strict", "escape_special_tokens"):  # not carried through the Ray stages yet: refuse, never ignore
-        if getattr(args, flag, False):
-            raise ValueError(f"--{flag.replace('_', '-')} is not supported with --ray yet: run the job locally (or "
-                             "with --shard) to use it")
     if not args.corpus.is_file():
         print(f"error: corpus {args.corpus} not found", file=sys.stderr)
         return 2
     out_path = shard_output(args.output, args.shard)
     job_path = job_path_for(out_path)
-    _check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
+    check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
     total_lines = source.count()
     i, n = args.shard
     mine = len(range(i, total_lines, n))
-    job = JobManifest(corpus=str(args.corpus.resolve()), model=_model_key(args.model), hd_num=args.hd_num,
-                      max_length=args.max_length, shard=args.shard, lines=mine)
+    job = JobManifest(corpus=str(args.corpus.resolve()), model=model_key(args.model), hd_num=args.hd_num,
+                      max_length=args.max_length, shard=args.shard, lines=mine, strict=args.strict,
+                      escape_special_tokens=args.escape_special_tokens)
     previous = None if args.restart else JobManifest.load(job_path)
     if previous is not None and (diff := previous.differences(job)):
         raise ValueError(f"{out_path} holds the results of another job ({'; '.join(diff)}): use --restart to "
@@ -469,19 +685,22 @@ def cmd_score_ray(args, reader=None) -> int:
             job.errors = count_lines(writer.errors_path)
             job.scored = len(done) - job.errors
             job.save(job_path)
-            print(json.dumps({"scored": 0, "errors": 0, "skipped_already_done": len(done), "scores": str(out_path),
-                              "errors_file": str(writer.errors_path)}))  # the summary on stdout, as the local job
+            print(json.dumps({"scored": 0, "errors": 0, "warnings": 0, "skipped_already_done": len(done),
+                              "scores": str(out_path), "errors_file": str(writer.errors_path)}))  # as the local job
             return 0
-        rows = []
-        for ln, item in reader(args.corpus, shard=args.shard):
-            if ln not in done:
-                rows.append((ln, item))
-                continue
-            cid = item.sample_id if isinstance(item, LineError) else item.id
-            if done[ln] is not None and cid is not None and done[ln] != cid:
-                raise ValueError(f"line {ln} of {args.corpus} has id {cid!r} but {out_path} recorded {done[ln]!r} "
-                                 "for it: the corpus changed since the first run; use --restart to score it anew")
-        rows = list(sample_rows(rows))
+        def todo():  # read as Ray asks for more (_Feed): never the whole corpus in memory
+            for ln, item in reader(args.corpus, shard=args.shard):
+                if ln not in done:
+                    yield ln, item
+                    continue
+                # Results are written in input order, so every resumed line is checked before anything new is written.
+                cid = item.sample_id if isinstance(item, LineError) else item.id
+                if done[ln] is not None and cid is not None and done[ln] != cid:
+                    raise ValueError(f"line {ln} of {args.corpus} has id {cid!r} but {out_path} recorded "
+                                     f"{done[ln]!r} for it: the corpus changed since the first run; use --restart to "
+                                     "score it anew")
+
+        n_todo = mine - sum(1 for ln in done if (ln - 1) % args.shard[1] == args.shard[0])
         started = not ray.is_initialized()
         if started:
             init = {"address": args.ray_address, "log_to_driver": True}
@@ -489,7 +708,7 @@ def cmd_score_ray(args, reader=None) -> int:
                 init["include_dashboard"] = False
             ray.init(**init)
         try:
-            return _run(args, ray, rows, writer, job, job_path, previous, done, mine, out_path)
+            return _run(args, ray, (todo(), n_todo), writer, job, job_path, previous, done, mine, out_path)
         finally:
             if started:
                 ray.shutdown()
@@ -497,7 +716,7 @@ def cmd_score_ray(args, reader=None) -> int:
         writer.close()
 
 
-def _run(args, ray, rows, writer, job, job_path, previous, done, mine, out_path) -> int:
+def _run(args, ray, todo, writer, job, job_path, previous, done, mine, out_path) -> int:
     settings = _ray_settings(args, ray)
     job.dtype = settings["dtype"]
     if previous is not None and previous.dtype not in (None, job.dtype):
@@ -510,28 +729,44 @@ def _run(args, ray, rows, writer, job, job_path, previous, done, mine, out_path)
     ctx.enable_progress_bars = False  # ours counts what is written
     ctx.print_on_execution_start = False
     try:
-        return _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, settings)
+        return _execute(args, ray, todo, writer, job, job_path, done, mine, out_path, settings)
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
 
 
-def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, settings) -> int:
+def feed_window(n_todo: int, batch_size: int) -> int:
+    """Records per feed window: a multiple of the stage batch size, large enough that a job has at most about 1000
+    windows when it can (Ray Data keeps some state per block, ~13 KB measured, and pays ~25 ms per block on 2 cores),
+    and at most FEED_MAX_WINDOW records (what the driver and the object store hold per window)."""
+    per = -(-n_todo // (1000 * batch_size))  # batches per window for <= 1000 windows
+    return batch_size * max(1, min(per, max(1, FEED_MAX_WINDOW // batch_size)))
+
+
+def _execute(args, ray, todo, writer, job, job_path, done, mine, out_path, settings) -> int:
     from ixc_engine.corpus import count_lines
 
+    records, n_todo = todo
     bs = settings["batch_size"]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // bs, 1000)))
+    window = feed_window(n_todo, bs)
+    # Ray Data (2.60) keeps 2 tasks in flight per actor: a window for each, and some being fetched and written. On 8000
+    # cheap samples (over --max-length, 2 cores, load 3-4) prep + actors + 2 windows and one fetch actor took 51.6 s
+    # against 39.8 s for the whole list handed over at once; this and two fetch actors 44.0 vs 39.4 and 31.9 vs 29.9.
+    ahead = 2 * (settings["prep_actors"] + settings["actors"]) + 4
+    feed = _Feed(ray, records, n_windows=max(1, -(-n_todo // window)), window=window, ahead=ahead)
+    ds = feed.dataset()
     ds = build_pipeline(
         ds, args.model, hd_num=args.hd_num, max_length=args.max_length, batch_size=bs, actors=settings["actors"],
         gpus_per_actor=settings["gpus_per_actor"], cpus_per_actor=settings["cpus_per_actor"],
         prep_actors=settings["prep_actors"], device=settings["device"], dtype=settings["dtype"],
-        max_batch_tokens=args.max_batch_tokens, prefix_cache=not args.no_prefix_cache,
+        max_batch_tokens=args.max_batch_tokens, prefix_cache=not args.no_prefix_cache, max_media=args.max_media,
+        strict=args.strict, escape_special_tokens=args.escape_special_tokens,
     )
-    print(f"ray: {len(rows)} records to score on {settings['actors']} scoring actor(s) ({settings['device']}, "
-          f"{settings['dtype']}), {settings['prep_actors']} preparation actor(s)", file=sys.stderr)
-    order = [r["index"] for r in rows]
-    expected, written = set(order), set()
+    print(f"ray: {n_todo} records to score on {settings['actors']} scoring actor(s) ({settings['device']}, "
+          f"{settings['dtype']}), {settings['prep_actors']} preparation actor(s), fed in windows of {window}",
+          file=sys.stderr)
     pending: dict[int, tuple] = {}
-    pos = n_ok = n_err = tokens = duplicates = computed = reused = 0
+    cur, pos, last = 0, 0, 0  # the window being written, the position in it, the last line written
+    n_ok = n_err = n_warn = tokens = duplicates = computed = reused = 0
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -539,46 +774,59 @@ def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, setti
         bar = tqdm(total=mine, initial=len(done), unit="sample", file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in _results(ds, feed):
             cols = {k: batch.column(k).to_pylist() for k in RESULT_COLUMNS}
             computed += sum(cols["tokens_computed"])
             reused += sum(cols["prefix_tokens_reused"])
-            for index, sid, ok, score, n_tok, err, _, _ in zip(*(cols[k] for k in RESULT_COLUMNS)):
-                # Exactly once whatever the transport does: a line already written or waiting is dropped.
-                if index in pending or index in written:
+            for index, sid, ok, score, n_tok, err, warns, _, _ in zip(*(cols[k] for k in RESULT_COLUMNS)):
+                # Exactly once whatever the transport does: a line already written (lines are written in increasing
+                # order) or waiting is dropped.
+                if index <= last or index in pending:
                     duplicates += 1
                     continue
-                if index not in expected:
+                if not feed.in_flight(index):
                     raise RuntimeError(f"Ray returned a record for line {index}, which this job did not send")
-                pending[index] = (json.loads(sid), ok, score, n_tok, err)
-            while pos < len(order) and order[pos] in pending:
-                line = order[pos]
-                sid, ok, score, n_tok, err = pending.pop(line)
+                pending[index] = (json.loads(sid), ok, score, n_tok, err, json.loads(warns))
+            while (lines := feed.lines(cur)) is not None:
+                if pos == len(lines):  # window written: its slot goes to the next window
+                    feed.written(cur)
+                    cur, pos = cur + 1, 0
+                    continue
+                if lines[pos] not in pending:
+                    break
+                line = lines[pos]
+                sid, ok, score, n_tok, err, warns = pending.pop(line)
                 if ok:
-                    writer.write_score(line, sid, score, n_tok)
+                    writer.write_score(line, sid, score, n_tok, warns)
                     n_ok += 1
+                    n_warn += bool(warns)
                     tokens += n_tok
                 else:
                     writer.write_error(line, sid, err)
                     n_err += 1
-                written.add(line)
-                pos += 1
+                last, pos = line, pos + 1
                 if bar is not None:
                     bar.update(1)
             writer.flush()
             if bar is not None:
                 el = max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(f"{tokens / el:,.0f} tok/s, {n_err} errors", refresh=True)
+        while (lines := feed.lines(cur)) is not None and pos == len(lines):  # empty windows at the end
+            feed.written(cur)
+            cur, pos = cur + 1, 0
     except KeyboardInterrupt:
         print(f"\ninterrupted: {n_ok + n_err} lines written; run the same command again to resume", file=sys.stderr)
         return 130
     finally:
         if bar is not None:
             bar.close()
-    if pos != len(order) or pending:
-        missing = order[pos] if pos < len(order) else None
-        raise RuntimeError(f"Ray returned {pos} of {len(order)} records (first missing: line {missing}; "
-                           f"{len(pending)} out of place): the job is not complete; run the same command to resume")
+        feed.close()
+    if cur != feed.n_windows or pending or feed.records_sent != n_ok + n_err:
+        lines = feed.lines(cur) or []
+        missing = lines[pos] if pos < len(lines) else None
+        raise RuntimeError(f"Ray returned {n_ok + n_err} of {feed.records_sent} records (first missing: line "
+                           f"{missing}; {len(pending)} out of place): the job is not complete; run the same command "
+                           "to resume")
     writer.flush()  # fsynced before the job is marked complete; the caller closes it
     job.complete = True
     job.errors = count_lines(writer.errors_path)
@@ -586,10 +834,12 @@ def _execute(args, ray, rows, writer, job, job_path, done, mine, out_path, setti
     job.save(job_path)
     el = time.perf_counter() - t0
     print(json.dumps({
-        "scored": n_ok, "errors": n_err, "skipped_already_done": len(done), "seconds": round(el, 3),
+        "scored": n_ok, "errors": n_err, "warnings": n_warn, "skipped_already_done": len(done), "seconds": round(el, 3),
         "samples_per_s": round((n_ok + n_err) / el, 3) if el else None,
         "tokens_per_s": round(tokens / el, 1) if el else None, "tokens_computed": computed,
         "prefix_tokens_reused": reused, "duplicates_dropped": duplicates,
+        "feed": {"window": window, "windows": feed.n_windows, "ahead": ahead,
+                 "max_records_in_ray": feed.max_resident},
         "ray": {k: settings[k] for k in ("actors", "gpus_per_actor", "cpus_per_actor", "prep_actors", "batch_size")},
         "scores": str(out_path), "errors_file": str(writer.errors_path),
     }))  # the summary on stdout (progress and logs on stderr), as the local job

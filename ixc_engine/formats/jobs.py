@@ -1,0 +1,31 @@
+"""Where a scoring job's files go and what identifies it: shared by the local job (`ixc_engine/cli.py`) and the Ray
+driver (`ixc_engine/integrations/ray.py`). Standard library only at import time, so that the CLI can name its
+output (and lock it) before torch is imported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def shard_output(path: Path, shard: tuple[int, int]) -> Path:
+    """The scores file of shard (i, n) of a job writing `path`: NAME.shardI-of-N.jsonl (`path` itself when n is 1)."""
+    i, n = shard
+    if n == 1:
+        return path
+    stem = path.name.removesuffix(".jsonl")
+    return path.with_name(f"{stem}.shard{i}-of-{n}.jsonl")
+
+
+def model_key(model: str) -> str:
+    """How a job remembers its model: the absolute path of a local directory, else the hub id as given."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def check_outputs_apart(inputs: dict[str, Path], outputs: list[Path]) -> None:
+    """Refuse an output that is one of the inputs ({what: path}), e.g. -o naming the corpus."""
+    from ixc_engine.corpus import same_file
+
+    for out in outputs:
+        for what, path in inputs.items():
+            if same_file(out, path):
+                raise ValueError(f"output {out} is the {what} {path}: choose another -o")
