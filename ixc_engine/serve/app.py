@@ -125,8 +125,11 @@ class _Auth:
         return await self.app(scope, receive, send)
 
 
-def create_app(engine: RewardEngine, cfg: ServeConfig | None = None):
-    """The ASGI app around one engine. The batcher starts and stops with the app's lifespan (uvicorn runs it)."""
+def create_app(engine: RewardEngine | None, cfg: ServeConfig | None = None, *, batcher=None):
+    """The ASGI app around one engine. The batcher starts and stops with the app's lifespan (uvicorn runs it).
+
+    engine: scored by a `Batcher` thread in this process; or None with `batcher` given: a `ProcessBatcher` (the engine
+    in a process of its own, what `ixc-engine serve` runs), which may already be started."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
@@ -136,14 +139,20 @@ def create_app(engine: RewardEngine, cfg: ServeConfig | None = None):
     cfg = cfg or ServeConfig()
     limits = cfg.limits()
     metrics = Metrics()
-    batcher = Batcher(engine, cfg.batcher, on_batch=metrics.on_batch)
+    if batcher is None:
+        if engine is None:
+            raise ValueError("create_app needs an engine or a batcher")
+        batcher = Batcher(engine, cfg.batcher, on_batch=metrics.on_batch)
+    else:
+        batcher.on_batch = metrics.on_batch
     metrics.queue_depth.set_function(lambda: batcher.depth)
     state: dict = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state["pool"] = ThreadPoolExecutor(cfg.parse_threads, thread_name_prefix="ixc-parse")
-        batcher.start()
+        if not getattr(batcher, "started", False):
+            batcher.start()
         try:
             yield
         finally:
@@ -263,6 +272,8 @@ def create_app(engine: RewardEngine, cfg: ServeConfig | None = None):
                              "n_tokens": [r.n_tokens for r in results]})
 
     async def health(request):
+        if not getattr(batcher, "alive", True):  # the engine process died: tell the load balancer / orchestrator
+            return JSONResponse({"status": "error", "error": batcher.dead_reason, "queue_depth": 0}, status_code=503)
         return JSONResponse({"status": "ok", "queue_depth": batcher.depth})
 
     async def models(request):

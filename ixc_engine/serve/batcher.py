@@ -66,6 +66,7 @@ class _Job:
     hd_num: int
     deadline: float  # time.monotonic()
     future: Future
+    arrived: float = 0.0  # time.monotonic() when queued
     results: list[ScoreResult | None] = field(default_factory=list)
     left: int = 0
 
@@ -100,7 +101,8 @@ class Batcher:
         """Queue samples; the future gets their ScoreResults in order (or DeadlineExceeded). Raises QueueFull,
         ShuttingDown."""
         fut: Future = Future()
-        job = _Job(list(samples), hd_num, time.monotonic() + timeout_s, fut)
+        now = time.monotonic()
+        job = _Job(list(samples), hd_num, now + timeout_s, fut, arrived=now)
         if not job.samples:
             fut.set_result([])
             return fut
@@ -119,6 +121,10 @@ class Batcher:
         return fut
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("batcher already started")
@@ -147,8 +153,10 @@ class Batcher:
                 if self._stopping:
                     return None
                 self._cond.wait()
-            # the oldest sample waits at most max_wait for others to join it (none when stopping: drain fast)
-            until = time.monotonic() + wait
+            # the oldest sample waits at most max_wait after it arrived for others to join it (none when stopping:
+            # drain fast). From its arrival, not from now: samples that queued up while the engine was busy have waited
+            # already, and waiting again would leave the engine idle between batches under load.
+            until = self._queue[0][0].arrived + wait
             while len(self._queue) < limit and not self._stopping:
                 left = until - time.monotonic()
                 if left <= 0:

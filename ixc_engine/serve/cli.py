@@ -58,31 +58,52 @@ def add_parser(sub, formatter_class, int_at_least) -> argparse.ArgumentParser:
                    help="per-request deadline in seconds; later answers are 504 (default 180, OpenRLHF's timeout)")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-prefix-cache", action="store_true", help="disable shared-prefix reuse (scores are equal)")
+    p.add_argument("--single-process", action="store_true",
+                   help="run the engine in a thread of the server's process instead of a process of its own (default: "
+                   "its own process, so that HTTP handling and scoring do not take turns on one GIL; measured ~1.4x "
+                   "the throughput under load on CPU)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return p
 
 
+def _engine_config(args):
+    from ixc_engine.engine.engine import EngineConfig
+
+    return EngineConfig(hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window,
+                        workers=args.workers, prefix_cache=not args.no_prefix_cache)
+
+
 def build(args):
-    """(engine, ServeConfig) from the parsed arguments."""
+    """(engine, ServeConfig) from the parsed arguments: the engine loaded in this process (--single-process)."""
     import torch
 
     from ixc_engine.api import RewardEngine
-    from ixc_engine.engine.engine import EngineConfig
-    from ixc_engine.serve.app import ServeConfig
-    from ixc_engine.serve.batcher import BatcherConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    ecfg = EngineConfig(hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window,
-                        workers=args.workers, prefix_cache=not args.no_prefix_cache)
-    scfg = ServeConfig(
+    engine = RewardEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=_engine_config(args))
+    return engine, serve_config(args)
+
+
+def build_spec(args):
+    """(EngineSpec, ServeConfig): what the engine process loads (the default)."""
+    from ixc_engine.serve.engine_process import EngineSpec
+
+    spec = EngineSpec(model=str(args.model), device=args.device, dtype=args.dtype, config=_engine_config(args),
+                      threads=args.threads)
+    return spec, serve_config(args)
+
+
+def serve_config(args):
+    from ixc_engine.serve.app import ServeConfig
+    from ixc_engine.serve.batcher import BatcherConfig
+
+    return ServeConfig(
         model_name=args.served_model_name or Path(str(args.model)).name or str(args.model), api_key=args.api_key,
         media_root=args.media_root, max_body_bytes=int(args.max_body_mb * (1 << 20)), max_items=args.max_items,
         max_media=args.max_media, hd_num=args.hd_num, request_timeout_s=args.request_timeout,
         batcher=BatcherConfig(max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_gather=args.window),
     )
-    engine = RewardEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=ecfg)
-    return engine, scfg
 
 
 def cmd_serve(args) -> int:
@@ -96,17 +117,28 @@ def cmd_serve(args) -> int:
     from ixc_engine.serve.app import create_app
 
     t0 = time.perf_counter()
-    engine, scfg = build(args)
-    print(f"model loaded in {time.perf_counter() - t0:.1f}s on {engine.engine.runner.device} "
-          f"({engine.engine.runner.dtype}); serving {scfg.model_name!r}", file=sys.stderr)
+    if args.single_process:
+        engine, scfg = build(args)
+        app = create_app(engine, scfg)
+        where, close = f"{engine.engine.runner.device} ({engine.engine.runner.dtype})", engine.close
+    else:
+        from ixc_engine.serve.engine_process import ProcessBatcher
+
+        spec, scfg = build_spec(args)
+        batcher = ProcessBatcher(spec, scfg.batcher)
+        batcher.start()  # the engine process loads the model; raises EngineProcessError (a RuntimeError) if it cannot
+        app = create_app(None, scfg, batcher=batcher)
+        where = f"{spec.info['device']} ({spec.info['dtype']}) in engine process {batcher.pid}"
+        close = batcher.stop
+    print(f"model loaded in {time.perf_counter() - t0:.1f}s on {where}; serving {scfg.model_name!r}", file=sys.stderr)
     # uvicorn re-raises SIGTERM once it has shut down; with the default handler that kills the process before the
     # `finally` below, leaving --workers processes orphaned. A handler of ours is what it restores and re-raises to.
     got: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda sig, _frame: got.append(sig))
     try:
-        run(create_app(engine, scfg), args.host, args.port, args.log_level)
+        run(app, args.host, args.port, args.log_level)
     finally:
-        engine.close()
+        close()
         signal.signal(signal.SIGTERM, previous)
     if got:
         signal.raise_signal(signal.SIGTERM)  # the exit status still says SIGTERM, as before
