@@ -24,6 +24,31 @@ EPILOG = """examples:
 """
 
 
+DEFAULT_MAX_CONNECTIONS = 4096
+RESERVED_FILES = 128  # descriptors kept for the model files, the engine process, workers, logs
+
+
+def default_max_connections() -> int:
+    """DEFAULT_MAX_CONNECTIONS, capped below the soft open-file limit: past it accept() fails (EMFILE) and uvicorn logs
+    errors instead of answering 503."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return DEFAULT_MAX_CONNECTIONS
+    return max(1, min(DEFAULT_MAX_CONNECTIONS, soft - RESERVED_FILES))
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def add_parser(sub, formatter_class, int_at_least) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve rewards over HTTP (OpenRLHF /get_reward, vLLM-style /pooling, ...)",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter_class)
@@ -60,8 +85,16 @@ def add_parser(sub, formatter_class, int_at_least) -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-cache", action="store_true", help="disable shared-prefix reuse (scores are equal)")
     p.add_argument("--single-process", action="store_true",
                    help="run the engine in a thread of the server's process instead of a process of its own (default: "
-                   "its own process, so that HTTP handling and scoring do not take turns on one GIL; measured ~1.4x "
-                   "the throughput under load on CPU)")
+                   "its own process, so that HTTP handling and scoring do not take turns on one GIL: more requests/s "
+                   "under load, see bench/RESULTS.md)")
+    p.add_argument("--max-connections", "--limit-concurrency", dest="max_connections", type=int_at_least(1),
+                   default=None, metavar="N",
+                   help="open HTTP connections served at once (uvicorn's --limit-concurrency); a request on a "
+                   "connection beyond them gets 503 and the server keeps serving the others. Idle keep-alive "
+                   f"connections count too (default {DEFAULT_MAX_CONNECTIONS}, or fewer when the open-file limit, "
+                   "ulimit -n, is lower)")
+    p.add_argument("--timeout-keep-alive", type=_positive_float, default=30.0, metavar="S",
+                   help="close a kept-alive connection idle for S seconds (uvicorn's --timeout-keep-alive; default 30)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return p
 
@@ -136,7 +169,8 @@ def cmd_serve(args) -> int:
     got: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda sig, _frame: got.append(sig))
     try:
-        run(app, args.host, args.port, args.log_level)
+        run(app, args.host, args.port, args.log_level, max_connections=args.max_connections or
+            default_max_connections(), timeout_keep_alive=args.timeout_keep_alive)
     finally:
         close()
         signal.signal(signal.SIGTERM, previous)
@@ -145,10 +179,14 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def run(app, host: str, port: int, log_level: str = "info") -> None:
+def run(app, host: str, port: int, log_level: str = "info", max_connections: int | None = None,
+        timeout_keep_alive: float = 30.0) -> None:
     """uvicorn in this thread; SIGTERM / Ctrl-C stop accepting, finish in-flight requests, then drain the queue."""
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False,
-                            timeout_graceful_shutdown=None, timeout_keep_alive=30)
+                            timeout_graceful_shutdown=None, timeout_keep_alive=timeout_keep_alive,
+                            limit_concurrency=None if max_connections is None else max_connections + 1)
+    # +1: uvicorn answers 503 once the open connections, the asking one included, reach limit_concurrency; so N + 1
+    # serves N connections
     uvicorn.Server(config).run()

@@ -1,0 +1,159 @@
+"""The engine in a process of its own (`ProcessBatcher`, what `ixc-engine serve` runs): answers equal to
+`RewardEngine.score`, admission and cancellation in the server process, draining on stop, a clear error when the model
+cannot be loaded, and a server that says so (503, /health 503) when the engine process dies. Also the batcher's wait
+rule (max-wait counted from the oldest sample's arrival)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+httpx = pytest.importorskip("httpx")
+
+from ixc_engine.api import Sample, ScoreResult
+from ixc_engine.engine.engine import EngineConfig
+from ixc_engine.serve.app import ServeConfig, create_app
+from ixc_engine.serve.batcher import Batcher, BatcherConfig, QueueFull, ShuttingDown
+from ixc_engine.serve.engine_process import EngineProcessError, EngineSpec, ProcessBatcher
+from tests.serve_support import DEMO, ServerThread
+from tests.test_serve import conversations, query
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def spec(**kw) -> EngineSpec:
+    return EngineSpec(model=str(DEMO), device="cpu", config=EngineConfig(), threads=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def pbatcher():
+    b = ProcessBatcher(spec(), BatcherConfig(max_wait_ms=20, max_queue=40))
+    b.start()
+    yield b
+    b.stop()
+
+
+def samples(convs) -> list[Sample]:
+    return [Sample(c, [], id=i) for i, c in enumerate(convs)]
+
+
+def test_process_batcher_answers_equal_engine_score_and_admits_in_this_process(pbatcher, demo_ref):
+    convs = conversations(30, seed=41)
+    want = demo_ref.score(convs)
+    assert pbatcher.spec.info == {"device": "cpu", "dtype": "float32"}
+    b0 = pbatcher.batches
+    futs = [pbatcher.submit(samples(convs[i:i + 3]), 9, 60) for i in range(0, 30, 3)]  # 10 requests of 3
+    got = [r for f in futs for r in f.result(60)]
+    assert [r.score for r in got] == pytest.approx(want, rel=1e-5, abs=1e-5)
+    assert all(isinstance(r, ScoreResult) and r.error is None and r.n_tokens > 0 for r in got)
+    deadline = time.monotonic() + 10
+    while pbatcher.samples_scored < 30 and time.monotonic() < deadline:  # the batch counters arrive after the answers
+        time.sleep(0.01)
+    assert pbatcher.depth == 0 and pbatcher.samples_scored >= 30 and pbatcher.batches > b0
+    assert pbatcher.submit([], 9, 60).result() == []
+    # admission is decided here: over max_queue (40) samples in flight is QueueFull at once
+    big = pbatcher.submit(samples(conversations(35, seed=42)), 9, 60)
+    with pytest.raises(QueueFull, match="limit is 40"):
+        pbatcher.submit(samples(convs[:6]), 9, 60)
+    assert len(big.result(60)) == 35 and pbatcher.depth == 0
+
+
+def test_a_cancelled_request_is_skipped_and_frees_its_queue_places(pbatcher):
+    s0 = pbatcher.samples_scored
+    fut = pbatcher.submit(samples(conversations(5, seed=44)), 9, 60)
+    assert fut.cancel()  # at once: the engine process gets the cancellation within its 20 ms wait for company
+    assert len(pbatcher.submit(samples(conversations(2, seed=43)), 9, 60).result(60)) == 2
+    deadline = time.monotonic() + 10
+    while (pbatcher.depth or pbatcher.samples_scored < s0 + 2) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pbatcher.depth == 0  # the engine process answered the cancellation: its 5 places are free again
+    assert pbatcher.samples_scored == s0 + 2  # and did not score them
+
+
+def test_stop_drains_then_the_engine_process_exits(pbatcher, demo_ref):
+    """The last test of the module's engine process: stops it."""
+    b, pid = pbatcher, pbatcher.pid
+    convs = conversations(40, seed=45)
+    futs = [b.submit(samples([c]), 9, 60) for c in convs]
+    b.stop()
+    assert [f.result(0)[0].score for f in futs] == pytest.approx(demo_ref.score(convs), rel=1e-5, abs=1e-5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(ShuttingDown):
+        b.submit(samples(convs[:1]), 9, 10)
+
+
+def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
+    b = ProcessBatcher(EngineSpec(model=str(tmp_path / "nope"), device="cpu", threads=1))
+    with pytest.raises(EngineProcessError, match=r"cannot load the model .*nope"):
+        b.start()
+    assert not b.alive
+    with pytest.raises(ShuttingDown):
+        b.submit(samples(conversations(1)), 9, 10)
+
+
+def test_the_server_says_503_when_the_engine_process_died():
+    b = ProcessBatcher(spec(), BatcherConfig(max_wait_ms=2000))
+    b.start()
+    app = create_app(None, ServeConfig(model_name="demo", batcher=b.cfg), batcher=b)
+    one = {"query": [query(conversations(1, seed=46)[0], 0)]}
+    with ServerThread(app) as srv:
+        assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+        answer: dict = {}
+        t = threading.Thread(target=lambda: answer.update(r=httpx.post(srv.url + "/get_reward", json=one, timeout=60)))
+        t.start()
+        while b.depth == 0:  # queued in the engine process (which waits 2 s for company)
+            time.sleep(0.01)
+        os.kill(b.pid, signal.SIGKILL)
+        t.join(60)
+        r = answer["r"]
+        assert r.status_code == 500 and "engine process exited unexpectedly" in r.json()["error"]["message"]
+        h = httpx.get(srv.url + "/health")
+        assert h.status_code == 503 and h.json()["status"] == "error"
+        r = httpx.post(srv.url + "/get_reward", json=one)
+        assert r.status_code == 503 and "engine process" in r.json()["error"]["message"]
+
+
+class _SlowEngine:
+    """Stands in for RewardEngine in the Batcher: each engine call takes `seconds`; records when calls start/end."""
+
+    class engine:  # the attribute path the Batcher reads (engine.engine.cfg.window)
+        class cfg:
+            window = 64
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.calls = seconds, []
+
+    def stats(self) -> dict:
+        return {"tokens_computed": 0, "prefix_tokens_reused": 0}
+
+    def score_stream(self, items, hd_num):
+        t0 = time.monotonic()
+        time.sleep(self.seconds)
+        self.calls.append((t0, time.monotonic(), len(items)))
+        return iter([ScoreResult(n, None, 1.0, 1) for n, _ in items])
+
+
+def test_samples_that_queued_while_the_engine_was_busy_do_not_wait_again():
+    """max_wait counts from the oldest sample's arrival: B arrives while A is scored, so by the time A is done B has
+    waited longer than max_wait and goes at once (waiting again would idle the engine between batches under load)."""
+    eng = _SlowEngine(0.8)
+    b = Batcher(eng, BatcherConfig(max_wait_ms=300))
+    b.start()
+    try:
+        one = [Sample([{"role": "user", "content": "x"}])]
+        a = b.submit(one, 9, 30)
+        time.sleep(0.5)  # A is being scored (0.3 s wait + 0.8 s call)
+        c = b.submit(one, 9, 30)
+        a.result(10), c.result(10)
+    finally:
+        b.stop()
+    (_, a_end, _), (b_start, _, _) = eng.calls
+    assert b_start - a_end < 0.2, f"B waited {b_start - a_end:.3f} s more after A (max_wait 0.3 s)"
