@@ -145,10 +145,12 @@ def test_samples_that_queued_while_the_engine_was_busy_do_not_wait_again():
     """max_wait counts from the oldest sample's arrival: B arrives while A is scored, so by the time A is done B has
     waited longer than max_wait and goes at once (waiting again would idle the engine between batches under load)."""
     eng = _SlowEngine(0.8)
-    b = Batcher(eng, BatcherConfig(max_wait_ms=300))
+    infos = []
+    b = Batcher(eng, BatcherConfig(max_wait_ms=300), on_batch=infos.append)
     b.start()
     try:
         one = [Sample([{"role": "user", "content": "x"}])]
+        time.sleep(0.2)  # the scheduler idles on an empty queue
         a = b.submit(one, 9, 30)
         time.sleep(0.5)  # A is being scored (0.3 s wait + 0.8 s call)
         c = b.submit(one, 9, 30)
@@ -157,3 +159,6 @@ def test_samples_that_queued_while_the_engine_was_busy_do_not_wait_again():
         b.stop()
     (_, a_end, _), (b_start, _, _) = eng.calls
     assert b_start - a_end < 0.2, f"B waited {b_start - a_end:.3f} s more after A (max_wait 0.3 s)"
+    # what /metrics reports as ixc_scheduler_idle_seconds and ixc_scheduler_gather_seconds
+    assert infos[0].idle_s >= 0.15 and 0.25 <= infos[0].gather_s < 0.6, infos[0]
+    assert infos[1].idle_s < 0.1 and infos[1].gather_s < 0.1, infos[1]

@@ -83,6 +83,10 @@ class Metrics:
         self.batch_size = Histogram("ixc_batch_size", "samples per engine call", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.batch_seconds = Histogram("ixc_batch_seconds", "seconds per engine call", registry=r)
+        # with ixc_batch_seconds_sum: where the scheduler's time goes (scoring, idle on an empty queue, max-wait)
+        self.idle_seconds = Counter("ixc_scheduler_idle_seconds", "scheduler time on an empty queue", registry=r)
+        self.gather_seconds = Counter("ixc_scheduler_gather_seconds", "scheduler time waiting for more samples to join "
+                                      "a batch (--max-wait-ms)", registry=r)
         self.queue_depth = Gauge("ixc_queue_depth", "samples queued or being scored", registry=r)
         self.latency = Histogram("ixc_request_latency_seconds", "request latency", ["endpoint"], registry=r,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 180))
@@ -94,6 +98,8 @@ class Metrics:
         self.tokens_reused.inc(info.prefix_tokens_reused)
         self.batch_size.observe(info.samples)
         self.batch_seconds.observe(info.seconds)
+        self.idle_seconds.inc(info.idle_s)
+        self.gather_seconds.inc(info.gather_s)
 
 
 def _error_response(exc: RequestError):

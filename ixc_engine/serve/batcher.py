@@ -58,6 +58,8 @@ class BatchInfo:
     tokens_computed: int
     prefix_tokens_reused: int
     seconds: float
+    idle_s: float = 0.0  # before this batch: the scheduler waited this long on an empty queue
+    gather_s: float = 0.0  # ... then this long for more samples to join the first (max_wait)
 
 
 @dataclass(slots=True)
@@ -89,6 +91,7 @@ class Batcher:
         self.batches = 0
         self.samples_scored = 0
         self._limit = self.cfg.max_gather or engine.engine.cfg.window  # samples per engine call
+        self._waits = (0.0, 0.0)  # (idle, gather) before the batch being run; scheduler thread only
 
     # --- request side (any thread) ----------------------------------------------------------------------------------
     @property
@@ -148,11 +151,13 @@ class Batcher:
     def _gather(self) -> list[tuple[_Job, int]] | None:
         limit = self._limit
         wait = self.cfg.max_wait_ms / 1000.0
+        t0 = time.monotonic()
         with self._cond:
             while not self._queue:
                 if self._stopping:
                     return None
                 self._cond.wait()
+            t1 = time.monotonic()
             # the oldest sample waits at most max_wait after it arrived for others to join it (none when stopping:
             # drain fast). From its arrival, not from now: samples that queued up while the engine was busy have waited
             # already, and waiting again would leave the engine idle between batches under load.
@@ -166,6 +171,7 @@ class Batcher:
             while self._queue and len(taken) < limit:
                 taken.append(self._queue.popleft())
             self._in_flight += len(taken)
+            self._waits = (t1 - t0, time.monotonic() - t1)
             return taken
 
     def _loop(self, threads: int) -> None:
@@ -218,7 +224,7 @@ class Batcher:
                 samples=len(live), requests=len({id(j) for j, _ in live}), errors=errors,
                 tokens_computed=after["tokens_computed"] - before["tokens_computed"],
                 prefix_tokens_reused=after["prefix_tokens_reused"] - before["prefix_tokens_reused"],
-                seconds=time.perf_counter() - t0,
+                seconds=time.perf_counter() - t0, idle_s=self._waits[0], gather_s=self._waits[1],
             ))
 
 
