@@ -63,6 +63,10 @@ def test_process_batcher_answers_equal_engine_score_and_admits_in_this_process(p
     with pytest.raises(QueueFull, match="limit is 40"):
         pbatcher.submit(samples(convs[:6]), 9, 60)
     assert len(big.result(60)) == 35 and pbatcher.depth == 0
+    deadline = time.monotonic() + 10
+    while pbatcher.samples_scored < 65 and time.monotonic() < deadline:  # its batch counters follow the answers
+        time.sleep(0.01)
+    assert pbatcher.samples_scored == 65
 
 
 def test_a_cancelled_request_is_skipped_and_frees_its_queue_places(pbatcher):
@@ -75,6 +79,27 @@ def test_a_cancelled_request_is_skipped_and_frees_its_queue_places(pbatcher):
         time.sleep(0.01)
     assert pbatcher.depth == 0  # the engine process answered the cancellation: its 5 places are free again
     assert pbatcher.samples_scored == s0 + 2  # and did not score them
+
+
+def test_a_job_with_megabytes_of_inline_media_is_sent_off_the_calling_thread(pbatcher, demo_ref, tmp_path):
+    import random
+
+    from PIL import Image
+
+    from ixc_engine.media.loader import MediaBytes
+    from ixc_engine.serve import engine_process
+
+    rng = random.Random(47)
+    path = tmp_path / "noise.png"
+    Image.frombytes("RGB", (700, 600), bytes(rng.randrange(256) for _ in range(700 * 600 * 3))).save(path)
+    data = path.read_bytes()
+    assert len(data) > engine_process.BIG_JOB_BYTES
+    conv = [{"role": "user", "content": "<ImageHere>What is it?"}, {"role": "assistant", "content": "Noise."}]
+    want = demo_ref.score([conv], images=[[str(path)]], hd_num=1)
+    assert pbatcher._sender is None
+    fut = pbatcher.submit([Sample(conv, [MediaBytes(data, "image")])], 1, 60)
+    assert pbatcher._sender is not None  # handed to the sender thread
+    assert [r.score for r in fut.result(60)] == pytest.approx(want, rel=1e-5, abs=1e-5)
 
 
 def test_stop_drains_then_the_engine_process_exits(pbatcher, demo_ref):

@@ -42,6 +42,14 @@ class EngineSpec:
     info: dict = field(default_factory=dict)  # filled once loaded: device, dtype
 
 
+BIG_JOB_BYTES = 1 << 20
+
+
+def _inline_bytes(samples) -> int:
+    """Bytes of in-memory media (decoded data: URIs) the samples carry."""
+    return sum(len(m.data) for s in samples for m in s.media if isinstance(getattr(m, "data", None), bytes))
+
+
 class EngineProcessError(RuntimeError):
     """The engine process could not load the model, or died."""
 
@@ -137,6 +145,7 @@ class ProcessBatcher:
         self._proc = None
         self._conn = None
         self._reader: threading.Thread | None = None
+        self._sender = None  # a thread for jobs carrying megabytes of in-memory media (data: URIs)
 
     # --- request side (any thread) --------------------------------------------------------------------------------
     @property
@@ -175,13 +184,33 @@ class ProcessBatcher:
             jid = next(self._ids)
             self._jobs[jid] = (fut, len(samples))
             self._depth += len(samples)
-        try:
-            self._send(("job", jid, samples, hd_num, timeout_s))
-        except BaseException:
-            self._pop(jid)
-            raise
+        msg = ("job", jid, samples, hd_num, timeout_s)
+        if _inline_bytes(samples) > BIG_JOB_BYTES:  # pickling and piping megabytes would hold up the event loop
+            self._big_sender().submit(self._send_big, msg, jid, fut)
+        else:
+            try:
+                self._send(msg)
+            except BaseException:
+                self._pop(jid)
+                raise
         fut.add_done_callback(lambda f: self._on_done(jid, f))
         return fut
+
+    def _big_sender(self):
+        with self._lock:
+            if self._sender is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._sender = ThreadPoolExecutor(1, thread_name_prefix="ixc-engine-send")
+            return self._sender
+
+    def _send_big(self, msg, jid: int, fut: Future) -> None:
+        try:
+            self._send(msg)
+        except BaseException as exc:  # noqa: BLE001 - the request's failure, not the sender thread's
+            if self._pop(jid) is not None:
+                with contextlib.suppress(InvalidStateError):
+                    fut.set_exception(exc)
 
     def _on_done(self, jid: int, fut: Future) -> None:
         if fut.cancelled():  # the request gave up (deadline, disconnect): the child skips its samples
@@ -256,6 +285,8 @@ class ProcessBatcher:
             self._stopping = True
         if self._proc is None:
             return
+        if self._sender is not None:
+            self._sender.shutdown(wait=True)  # the jobs handed to it go before the stop message
         with contextlib.suppress(ShuttingDown):
             self._send(("stop",))
         if self._reader is not None:
