@@ -89,10 +89,10 @@ def add_parser(sub, formatter_class, int_at_least) -> argparse.ArgumentParser:
                    "under load, see bench/RESULTS.md)")
     p.add_argument("--max-connections", "--limit-concurrency", dest="max_connections", type=int_at_least(1),
                    default=None, metavar="N",
-                   help="open HTTP connections served at once (uvicorn's --limit-concurrency); a request on a "
-                   "connection beyond them gets 503 and the server keeps serving the others. Idle keep-alive "
-                   f"connections count too (default {DEFAULT_MAX_CONNECTIONS}, or fewer when the open-file limit, "
-                   "ulimit -n, is lower)")
+                   help="open HTTP connections served at once (uvicorn's --limit-concurrency); a request that arrives "
+                   "while more are open gets 503 and its connection is closed, the others are still served. Idle "
+                   f"keep-alive connections count too (default {DEFAULT_MAX_CONNECTIONS}, or fewer when the open-file "
+                   "limit, ulimit -n, is lower)")
     p.add_argument("--timeout-keep-alive", type=_positive_float, default=30.0, metavar="S",
                    help="close a kept-alive connection idle for S seconds (uvicorn's --timeout-keep-alive; default 30)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
