@@ -22,7 +22,7 @@ from ixc_engine.engine.engine import EngineConfig
 from ixc_engine.serve.app import ServeConfig, create_app
 from ixc_engine.serve.batcher import Batcher, BatcherConfig, QueueFull, ShuttingDown
 from ixc_engine.serve.engine_process import EngineProcessError, EngineSpec, ProcessBatcher
-from tests.serve_support import DEMO, ServerThread
+from tests.serve_support import DEMO, ServerProcess, ServerThread, free_port
 from tests.test_serve import conversations, query
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -144,6 +144,27 @@ def test_the_server_says_503_when_the_engine_process_died():
         assert h.status_code == 503 and h.json()["status"] == "error"
         r = httpx.post(srv.url + "/get_reward", json=one)
         assert r.status_code == 503 and "engine process" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("flags", [(), ("--single-process",)], ids=["engine-process", "single-process"])
+def test_the_cli_serves_equal_rewards_with_and_without_the_engine_process(flags, demo_ref):
+    convs = conversations(6, seed=48)
+    srv = ServerProcess(free_port(), *flags).start()
+    try:
+        rs = [httpx.post(srv.url + "/get_reward", json={"query": [query(c, k)]}, timeout=60) for k, c in
+              enumerate(convs)]
+        deadline = time.monotonic() + 10
+        while True:  # the engine process reports a batch's counters just after its answers
+            metrics = httpx.get(srv.url + "/metrics").text
+            if "ixc_samples_total{outcome=\"scored\"} 6.0" in metrics or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        srv.terminate()
+        srv.proc.wait(60)
+    assert [r.json()["rewards"][0] for r in rs] == pytest.approx(demo_ref.score(convs), rel=1e-5, abs=1e-5)
+    assert "ixc_samples_total{outcome=\"scored\"} 6.0" in metrics
+    assert ("engine process" in srv.log()) == (not flags)  # the start-up line says where the engine runs
 
 
 class _SlowEngine:
