@@ -17,9 +17,12 @@ the pipe closes).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import multiprocessing
+import pickle
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +46,13 @@ class EngineSpec:
 
 
 BIG_JOB_BYTES = 1 << 20
+
+
+def _running_loop():
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _inline_bytes(samples) -> int:
@@ -82,35 +92,61 @@ def _engine_main(spec: EngineSpec, cfg: BatcherConfig, conn) -> None:
         send(("error", f"{type(exc).__name__}: {exc}"))
         return
     runner = engine.engine.runner
-    batcher = Batcher(engine, cfg, on_batch=lambda info: send(("batch", info)))
+    # Answers and batch counters leave through one sender thread, which sends whatever has piled up as one message: the
+    # scheduler thread only queues them (no pickling or pipe write per request in the engine's thread), and the server
+    # process is woken once per burst of answers, not once per request.
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def sender() -> None:
+        while True:
+            msgs = [outbox.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    msgs.append(outbox.get_nowait())
+            last = msgs[-1] is None  # the end
+            msgs = [m for m in msgs if m is not None]
+            if msgs:
+                send(("many", msgs))
+            if last:
+                return
+
+    batcher = Batcher(engine, cfg, on_batch=lambda info: outbox.put(("batch", info)))
     jobs: dict[int, Future] = {}
 
     def answer(jid: int, fut: Future) -> None:
         jobs.pop(jid, None)
         if fut.cancelled():
-            send(("fail", jid, CancelledError()))
+            outbox.put(("fail", jid, CancelledError()))
         elif fut.exception() is not None:
             exc = fut.exception()
             try:
-                send(("fail", jid, exc))
+                pickle.dumps(exc)
             except Exception:  # noqa: BLE001 - an exception that does not pickle
-                send(("fail", jid, RuntimeError(f"{type(exc).__name__}: {exc}")))
-        else:  # plain tuples: a tenth of the pickling time of the dataclasses, in the engine's thread
-            send(("done", jid, [(r.index, r.id, r.score, r.n_tokens, r.error, r.warnings) for r in fut.result()]))
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            outbox.put(("fail", jid, exc))
+        else:  # plain tuples: a tenth of the pickling time of the dataclasses
+            outbox.put(("done", jid, [(r.index, r.id, r.score, r.n_tokens, r.error, r.warnings) for r in fut.result()]))
 
+    def job(jid: int, samples, hd_num: int, timeout_s: float) -> None:
+        fut = batcher.submit(samples, hd_num, timeout_s)
+        jobs[jid] = fut
+        fut.add_done_callback(lambda f: answer(jid, f))
+
+    out = threading.Thread(target=sender, name="ixc-engine-answers", daemon=True)
     try:
         batcher.start()
+        out.start()
         send(("ready", {"device": str(runner.device), "dtype": str(runner.dtype).removeprefix("torch.")}))
         while True:
             try:
                 msg = conn.recv()
             except (EOFError, OSError):  # the server process died
                 break
-            if msg[0] == "job":
-                _, jid, samples, hd_num, timeout_s = msg
-                fut = batcher.submit(samples, hd_num, timeout_s)
-                jobs[jid] = fut
-                fut.add_done_callback(lambda f, jid=jid: answer(jid, f))
+            if msg[0] == "jobs":  # the requests one turn of the server's event loop submitted
+                for item in msg[1]:
+                    job(*item)
+            elif msg[0] == "job":
+                job(*msg[1:])
             elif msg[0] == "cancel":
                 fut = jobs.get(msg[1])
                 if fut is not None:
@@ -120,6 +156,9 @@ def _engine_main(spec: EngineSpec, cfg: BatcherConfig, conn) -> None:
     finally:
         batcher.stop()  # finishes what is queued
         engine.close()
+        outbox.put(None)
+        if out.is_alive():
+            out.join()
         send(("stopped",))
         conn.close()
 
@@ -146,6 +185,7 @@ class ProcessBatcher:
         self._conn = None
         self._reader: threading.Thread | None = None
         self._sender = None  # a thread for jobs carrying megabytes of in-memory media (data: URIs)
+        self._outbox: list = []  # jobs submitted on the event loop, not sent yet
 
     # --- request side (any thread) --------------------------------------------------------------------------------
     @property
@@ -187,6 +227,14 @@ class ProcessBatcher:
         msg = ("job", jid, samples, hd_num, timeout_s)
         if _inline_bytes(samples) > BIG_JOB_BYTES:  # pickling and piping megabytes would hold up the event loop
             self._big_sender().submit(self._send_big, msg, jid, fut)
+        elif (loop := _running_loop()) is not None:
+            # on the event loop: the requests of one loop turn go to the engine process as one message (one pipe
+            # write, one wake-up of its reader), sent at the start of the next turn
+            with self._lock:
+                self._outbox.append((jid, samples, hd_num, timeout_s))
+                first = len(self._outbox) == 1
+            if first:
+                loop.call_soon(self._flush)
         else:
             try:
                 self._send(msg)
@@ -195,6 +243,20 @@ class ProcessBatcher:
                 raise
         fut.add_done_callback(lambda f: self._on_done(jid, f))
         return fut
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._outbox = self._outbox, []
+        if not items:
+            return
+        try:
+            self._send(("jobs", items))
+        except ShuttingDown as exc:  # the engine process is gone: these requests fail now
+            for jid, *_ in items:
+                item = self._pop(jid)
+                if item is not None:
+                    with contextlib.suppress(InvalidStateError):
+                        item[0].set_exception(RuntimeError(str(exc)))
 
     def _big_sender(self):
         with self._lock:
@@ -279,6 +341,25 @@ class ProcessBatcher:
             if time.monotonic() > deadline:
                 return ("error", f"the engine process did not load the model within {self.start_timeout_s:.0f} s")
 
+    def _dispatch(self, msg) -> None:
+        kind = msg[0]
+        if kind == "done" or kind == "fail":
+            item = self._pop(msg[1])
+            if item is None:
+                return
+            fut = item[0]
+            with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+                if kind == "done":
+                    fut.set_result([ScoreResult(*r) for r in msg[2]])
+                elif not isinstance(msg[2], CancelledError):
+                    fut.set_exception(msg[2])
+        elif kind == "batch":
+            info: BatchInfo = msg[1]
+            self.batches += 1
+            self.samples_scored += info.samples
+            if self.on_batch is not None:
+                self.on_batch(info)
+
     def stop(self, timeout: float | None = None) -> None:
         """Take no new work; the engine process finishes what it holds, answers it, and exits."""
         with self._lock:
@@ -287,6 +368,7 @@ class ProcessBatcher:
             return
         if self._sender is not None:
             self._sender.shutdown(wait=True)  # the jobs handed to it go before the stop message
+        self._flush()
         with contextlib.suppress(ShuttingDown):
             self._send(("stop",))
         if self._reader is not None:
@@ -304,25 +386,10 @@ class ProcessBatcher:
                 msg = self._conn.recv()
             except (EOFError, OSError):
                 break
-            kind = msg[0]
-            if kind == "done" or kind == "fail":
-                item = self._pop(msg[1])
-                if item is None:
-                    continue
-                fut = item[0]
-                with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
-                    if kind == "done":
-                        fut.set_result([ScoreResult(*r) for r in msg[2]])
-                    elif not isinstance(msg[2], CancelledError):
-                        fut.set_exception(msg[2])
-            elif kind == "batch":
-                info: BatchInfo = msg[1]
-                self.batches += 1
-                self.samples_scored += info.samples
-                if self.on_batch is not None:
-                    self.on_batch(info)
-            elif kind == "stopped":
+            if msg[0] == "stopped":
                 break
+            for m in msg[1] if msg[0] == "many" else (msg,):
+                self._dispatch(m)
         # whatever is still pending will never be answered
         self._proc.join(5)
         code = self._proc.exitcode
