@@ -25,6 +25,7 @@ from typing import Any
 RETRY_STATUSES = (429, 502, 503, 504)
 _PER_REQUEST = re.compile(r"over the limit of (\d+) per request")  # the server's 413 for too many items
 _PER_ITEM = re.compile(r"per item")  # its 413 for too many media in one item
+_BODY_LIMIT = re.compile(r"body .*over the limit of (\d+)")  # its 413 for too large a body
 _MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif", ".bmp": "image/bmp",
          ".webp": "image/webp", ".mp4": "video/mp4", ".avi": "video/x-msvideo", ".mkv": "video/x-matroska",
          ".mov": "video/quicktime", ".wmv": "video/x-ms-wmv"}
@@ -76,6 +77,7 @@ class RewardClient:
         self.embed_media, self.batch_size = embed_media, batch_size
         self.attempts = 0  # HTTP attempts made (retries included), for tests and logs
         self._server_limit: int | None = None  # items per request the server accepts, once a 413 said so
+        self._body_limit: int | None = None  # body bytes the server accepts, once a 413 said so
 
     # --- endpoints ------------------------------------------------------------------------------------------------
     def score(self, conversations: Sequence[list[dict]], images: Sequence[Any] | None = None,
@@ -150,17 +152,25 @@ class RewardClient:
         return out
 
     def _post_part(self, path: str, lo: int, hi: int, body, results) -> list:
-        try:
-            got = results(self.post(path, body(lo, hi)))
-        except RewardServerError as exc:
-            if exc.status != 413 or hi - lo <= 1 or _PER_ITEM.search(str(exc)):
-                raise  # one item too large (media per item, or its own bytes): splitting cannot help
-            m = _PER_REQUEST.search(str(exc))
-            if m and 1 <= int(m.group(1)) < hi - lo:
-                step = int(m.group(1))
-                self._server_limit = step if self._server_limit is None else min(self._server_limit, step)
-            else:  # too large a body: halves
-                step = (hi - lo + 1) // 2
+        data = json.dumps(body(lo, hi)).encode()
+        step = None
+        if self._body_limit is not None and len(data) > self._body_limit and hi - lo > 1:
+            step = (hi - lo + 1) // 2  # over the body size the server said it takes: halves, without asking
+        else:
+            try:
+                got = results(self.request("POST", path, data))
+            except RewardServerError as exc:
+                if exc.status != 413 or hi - lo <= 1 or _PER_ITEM.search(str(exc)):
+                    raise  # one item too large (media per item, or its own bytes): splitting cannot help
+                m, b = _PER_REQUEST.search(str(exc)), _BODY_LIMIT.search(str(exc))
+                if m and 1 <= int(m.group(1)) < hi - lo:
+                    step = int(m.group(1))
+                    self._server_limit = step if self._server_limit is None else min(self._server_limit, step)
+                else:  # too large a body: halves
+                    if b:
+                        self._body_limit = int(b.group(1))
+                    step = (hi - lo + 1) // 2
+        if step is not None:
             out: list = []
             for a in range(lo, hi, step):
                 out += self._post_part(path, a, min(a + step, hi), body, results)
@@ -218,8 +228,12 @@ class RewardClient:
                     wait = float(retry_after)
             except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError, OSError) as exc:
                 if attempt == self.retries:
+                    hint = ""
+                    if data is not None and len(data) > 1 << 20 and isinstance(exc, (ConnectionError, OSError)):
+                        hint = (f" (a server refuses a body of {len(data)} bytes over 4x its --max-body-mb at once, "
+                                "which looks like this: send fewer items per request, batch_size=...)")
                     raise RewardServerError(f"{method} {path}: {self.url} unreachable after {attempt + 1} attempts: "
-                                            f"{exc}") from None
+                                            f"{exc}{hint}") from None
             if wait is None:
                 wait = delay * (0.5 + random.random())  # jitter: retries of many clients do not arrive together
                 delay = min(delay * 2, self.max_backoff)

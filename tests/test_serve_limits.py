@@ -121,3 +121,28 @@ def test_reward_client_halves_a_body_over_the_size_limit_and_raises_what_cannot_
         with pytest.raises(RewardServerError, match="media items, over the limit of 1 per item"):
             c.score(convs[:2], images=[None, ["img0.png", "img1.png"]])  # too many media in one item: not split
         assert c.attempts == 1
+
+
+def test_reward_client_splits_a_body_of_megabytes_the_server_refuses(engine, demo_ref, tmp_path):  # noqa: F811
+    """Bodies past the socket buffers: the server reads an oversized body (up to 4x its limit) before answering 413,
+    so the client sees the 413 instead of a connection reset, halves the batch, and keeps to the limit it learnt."""
+    from PIL import Image
+
+    rng = random.Random(55)
+    paths = []
+    for i in range(8):  # noise PNGs of ~1 MB: 1.3 MB each as data: URIs, 10.7 MB in one body
+        path = tmp_path / f"noise{i}.png"
+        Image.frombytes("RGB", (640, 540), rng.randbytes(640 * 540 * 3)).save(path)
+        paths.append(path)
+    assert all(p.stat().st_size > 900_000 for p in paths)
+    convs = [[{"role": "user", "content": "<ImageHere>What is it?"}, {"role": "assistant", "content": f"Noise {i}."}]
+             for i in range(8)]
+    want = demo_ref.score(convs, images=[[str(p)] for p in paths], hd_num=1)
+    with serve(engine, max_body_bytes=3 << 20, max_items=64) as srv:
+        c = RewardClient(srv.url, embed_media=True, retries=0)
+        got = c.score(convs, images=[[p] for p in paths], hd_num=1)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+        assert c.attempts == 1 + 4  # 10.7 MB refused (413 seen), then 2 images (2.7 MB) per request, learnt
+        assert c.score(convs[:4], images=[[p] for p in paths[:4]], hd_num=1) == pytest.approx(want[:4], rel=1e-5,
+                                                                                                abs=1e-5)
+        assert c.attempts == 5 + 2  # split before sending: no second refusal

@@ -30,6 +30,7 @@ from ixc_engine.serve.schemas import (
     parse_score,
 )
 
+DRAIN_FACTOR = 4  # a body announced at up to 4x --max-body-mb is read before its 413; a larger one is refused at once
 INLINE_PARSE_BYTES = 32 << 10  # smaller bodies (text, no media payload) are parsed on the event loop
 ENDPOINTS = ("/get_reward", "/pooling", "/v1/score", "/v1/best_of_n", "/health", "/v1/models", "/metrics")
 
@@ -174,6 +175,11 @@ def create_app(engine: RewardEngine | None, cfg: ServeConfig | None = None, *, b
             except ValueError:
                 raise RequestError(400, "Content-Length is not an integer", "Content-Length") from None
             if n > cfg.max_body_bytes:
+                if n <= DRAIN_FACTOR * cfg.max_body_bytes:
+                    # read and drop it first: a client still sending when the server closes gets a connection reset,
+                    # not the 413, and could not know to split its batch (RewardClient does split on the 413)
+                    async for _ in request.stream():
+                        pass
                 raise RequestError(413, f"body of {n} bytes is over the limit of {cfg.max_body_bytes}", "body",
                                    kind="request_too_large")
         chunks, size = [], 0
