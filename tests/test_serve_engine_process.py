@@ -208,3 +208,23 @@ def test_samples_that_queued_while_the_engine_was_busy_do_not_wait_again():
     # what /metrics reports as ixc_scheduler_idle_seconds and ixc_scheduler_gather_seconds
     assert infos[0].idle_s >= 0.15 and 0.25 <= infos[0].gather_s < 0.6, infos[0]
     assert infos[1].idle_s < 0.1 and infos[1].gather_s < 0.1, infos[1]
+
+
+def test_a_burst_after_idle_is_scored_in_two_calls_a_single_big_request_in_one():
+    """Many one-sample requests arriving together on an idle engine: two calls (the first half's answers go out while
+    the second half is scored); a lone request of many samples, or a few requests: one call."""
+    eng = _SlowEngine(0.3)
+    b = Batcher(eng, BatcherConfig(max_wait_ms=200))
+    b.start()
+    one = [Sample([{"role": "user", "content": "x"}])]
+    try:
+        futs = [b.submit(one, 9, 30) for _ in range(20)]  # within one max-wait: one burst
+        assert all(len(f.result(10)) == 1 for f in futs)
+        assert [n for _, _, n in eng.calls] == [10, 10]
+        time.sleep(0.3)  # idle again
+        assert len(b.submit(one * 40, 9, 30).result(10)) == 40
+        futs = [b.submit(one, 9, 30) for _ in range(15)]  # under 2 x SPLIT_MIN_REQUESTS requests
+        assert all(len(f.result(10)) == 1 for f in futs)
+    finally:
+        b.stop()
+    assert [n for _, _, n in eng.calls] == [10, 10, 40, 15]

@@ -2,7 +2,8 @@
 
 Requests put their samples on one FIFO queue. The scheduler takes what is queued (up to the engine's window of
 samples), waiting at most `max_wait_ms` after the oldest arrived for more to come, and scores it with
-`RewardEngine.score_stream`: the engine prepares the samples (inline or in its worker processes), packs them into
+`RewardEngine.score_stream` (a burst of many requests after the engine idled goes in two calls: see `_split_burst`):
+the engine prepares the samples (inline or in its worker processes), packs them into
 token-budget batches and matches their prefixes against the paged KV cache, which lives across calls, so candidates
 of one prompt that arrive as separate requests compute the prompt once. Results go back to each request's
 `concurrent.futures.Future` (awaited on the event loop through `asyncio.wrap_future`).
@@ -153,6 +154,7 @@ class Batcher:
         wait = self.cfg.max_wait_ms / 1000.0
         t0 = time.monotonic()
         with self._cond:
+            idle = not self._queue  # the engine has nothing to do: what comes now is a new burst
             while not self._queue:
                 if self._stopping:
                     return None
@@ -170,9 +172,29 @@ class Batcher:
             taken = []
             while self._queue and len(taken) < limit:
                 taken.append(self._queue.popleft())
+            if idle:
+                taken = self._split_burst(taken)
             self._in_flight += len(taken)
             self._waits = (t1 - t0, time.monotonic() - t1)
             return taken
+
+    SPLIT_MIN_REQUESTS = 8
+
+    def _split_burst(self, taken: list[tuple[_Job, int]]) -> list[tuple[_Job, int]]:
+        """After the engine idled, a gather of many requests (at least 2 x SPLIT_MIN_REQUESTS) is scored in two calls:
+        the first half's answers go out, and its clients' next requests come in, while the second half is scored, so
+        the engine has work queued when it finishes. Without this, clients that each keep one request in flight (RL
+        workers, bench_serve) fall into lock-step: one engine call with every request, then the engine idles while all
+        the answers and the next requests cross HTTP (measured: idle 21% of the time at 64 in flight). Once the
+        queue no longer runs dry, nothing is split. Halves are cut between requests; the rest goes back to the front
+        of the queue. Caller holds the lock."""
+        jobs = list(dict.fromkeys(id(j) for j, _ in taken))
+        if len(jobs) < 2 * self.SPLIT_MIN_REQUESTS:
+            return taken
+        half = set(jobs[:len(jobs) // 2])
+        cut = next(i for i, (j, _) in enumerate(taken) if id(j) not in half)
+        self._queue.extendleft(reversed(taken[cut:]))
+        return taken[:cut]
 
     def _loop(self, threads: int) -> None:
         import torch
