@@ -14,7 +14,8 @@ keeps `c` requests in flight until every sample is answered. Printed per level: 
 batch size (from /metrics), CPU ms per request of the server processes (of its engine process alone) and of the client
 (/proc and process_time), and the scheduler's wall time per request (scoring, idle on an empty queue, waiting for
 company; from /metrics); and the direct rows: one `RewardEngine.score` call over all samples (batched; its CPU ms per
-sample), and one call per sample. Then the issue's two target ratios and a row for bench/RESULTS.md. Rewards must
+sample), run first and once more last (the ratios use the faster of the two, as the load of a shared machine drifts
+during a run), and one call per sample. Then the issue's two target ratios and a row for bench/RESULTS.md. Rewards must
 equal the direct scores (fp32, 1e-5) or the run stops.
 
     python bench/bench_serve.py                          # CPU, demo model, 1 torch thread, ~1-2 min on 2 cores
@@ -277,7 +278,22 @@ def run(args, workload: str) -> dict:
                      "sched_ms": {k: 1e3 * (m1[name] - m0[name]) / len(timed) for k, name in (
                          ("busy", "ixc_batch_seconds_sum"), ("idle", "ixc_scheduler_idle_seconds_total"),
                          ("gather", "ixc_scheduler_gather_seconds_total"))}})
+    # direct batched once more, after the servers: on a shared machine the load drifts during a run; the ratios use
+    # the faster of the two direct runs (never flattering the server)
+    eng = fresh_engine()
+    t0, c0 = time.perf_counter(), time.process_time()
+    eng.score(convs, media)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    rows.append({"scorer": "direct RewardEngine.score, one call (again, last)", "concurrency": None,
+                 "requests_per_s": len(timed) / wall, "wall_s": wall, "server_cpu_ms": 1e3 * cpu / len(timed)})
+    del eng
     return {"workload": workload, "rows": rows, "samples": len(timed), "warmup": len(warm)}
+
+
+def direct_batched(out: dict) -> dict:
+    """The faster of the run's two direct batched rows (first and last)."""
+    return max((r for r in out["rows"] if r["scorer"].startswith("direct RewardEngine.score, one call") and
+                r["concurrency"] is None), key=lambda r: r["requests_per_s"])
 
 
 def _served(out: dict, single: bool = False) -> dict[int, dict]:
@@ -292,7 +308,7 @@ def summary(out: dict, c1: float | None, batched: float) -> str:
     if top is None:
         return ""
     rate = served[top]["requests_per_s"]
-    line = f"targets: c={top} / direct batched = {rate / batched:.2f}x (>= 0.9x)"
+    line = f"targets: c={top} / direct batched (the faster of its two runs) = {rate / batched:.2f}x (>= 0.9x)"
     if c1:
         line += f", c={top} / c=1 = {rate / c1:.2f}x (>= 5x)"
     single = _served(out, single=True).get(top)
@@ -304,7 +320,7 @@ def summary(out: dict, c1: float | None, batched: float) -> str:
 def results_row(out: dict, command: str) -> str:
     """A row of the serving table in bench/RESULTS.md (the lead adds the time, load and code version)."""
     rows, served = out["rows"], _served(out)
-    direct, per_call = rows[0], rows[1]
+    direct, per_call = direct_batched(out), rows[1]
 
     def cell(r):
         if r is None:
@@ -350,7 +366,7 @@ def main(argv=None) -> int:
     for workload in args.workload:
         out = run(args, workload)
         results.append(out)
-        batched = out["rows"][0]["requests_per_s"]
+        batched = direct_batched(out)["requests_per_s"]
         c1 = next((r["requests_per_s"] for r in out["rows"][2:] if r["concurrency"] == 1), None)
         print(f"\n[{workload}] {out['samples']} samples (+{out['warmup']} warm-up), torch threads {args.threads}")
         print(f"{'scorer':52s} {'conc':>5s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'batch':>6s} {'vs c=1':>7s} "
