@@ -6,12 +6,17 @@ sent as OpenRLHF sends them, one sample per POST /get_reward (the chat text with
 --media-root). The last `--warmup` samples warm up every scorer and are not timed, so all scorers start from the same
 cache state (first calls, allocator, prefix cache).
 
-Per concurrency level a fresh server process is started (a cold prefix cache, like the fresh direct engine) with the
-same torch threads; a minimal asyncio HTTP/1.1 client (kept-alive connections) keeps `c` requests in flight until
-every sample is answered. Printed per
-level: requests/s, p50/p99 latency, mean engine batch size (from /metrics); and the direct rows: one
-`RewardEngine.score` call over all samples (batched), and one call per sample. Rewards must equal the direct scores
-(fp32, 1e-5) or the run stops.
+Per concurrency level a fresh server is started (a cold prefix cache, like the fresh direct engine) with the same torch
+threads: the HTTP process and its engine process (`ixc-engine serve`'s default); one more row at the highest
+concurrency runs `serve --single-process` (the engine in a thread of the HTTP process, as before the engine process),
+in the same run. The load generator is this process: a minimal asyncio HTTP/1.1 client (kept-alive connections) that
+keeps `c` requests in flight until every sample is answered. Printed per level: requests/s, p50/p99 latency, mean engine
+batch size (from /metrics), CPU ms per request of the server processes (of its engine process alone) and of the client
+(/proc and process_time), and the scheduler's wall time per request (scoring, idle on an empty queue, waiting for
+company; from /metrics); and the direct rows: one `RewardEngine.score` call over all samples (batched; its CPU ms per
+sample), run first and once more last (the ratios use the faster of the two, as the load of a shared machine drifts
+during a run), and one call per sample. Then the issue's two target ratios and a row for bench/RESULTS.md. Rewards must
+equal the direct scores (fp32, 1e-5) or the run stops.
 
     python bench/bench_serve.py                          # CPU, demo model, 1 torch thread, ~1-2 min on 2 cores
     python bench/bench_serve.py --concurrency 1,8,64 --threads 1 --json serve.json
@@ -91,12 +96,13 @@ def _free_port() -> int:
 class Server:
     """`ixc-engine serve` in a subprocess."""
 
-    def __init__(self, model: str, media_root: Path, threads: int, max_wait_ms: float, window: int) -> None:
+    def __init__(self, model: str, media_root: Path, threads: int, max_wait_ms: float, window: int,
+                 extra: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "ixc_engine.cli", "serve", "--model", model, "--port", str(self.port),
                     "--media-root", str(media_root), "--threads", str(threads), "--max-wait-ms", str(max_wait_ms),
-                    "--window", str(window), "--log-level", "warning", "--max-queue", "100000"]
+                    "--window", str(window), "--log-level", "warning", "--max-queue", "100000", *extra]
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 300
@@ -115,10 +121,15 @@ class Server:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
             text = r.read().decode()
         out = {}
-        for name in ("ixc_batch_size_sum", "ixc_batch_size_count", "ixc_tokens_computed_total"):
+        for name in ("ixc_batch_size_sum", "ixc_batch_size_count", "ixc_tokens_computed_total", "ixc_batch_seconds_sum",
+                     "ixc_scheduler_idle_seconds_total", "ixc_scheduler_gather_seconds_total"):
             m = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
             out[name] = float(m.group(1)) if m else float("nan")
         return out
+
+    def cpu_seconds(self) -> dict[int, float]:
+        """CPU seconds (user + system) so far of the server process and its children (the engine process)."""
+        return {pid: _cpu_seconds(pid) for pid in [self.proc.pid, *_children(self.proc.pid)]}
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -126,6 +137,26 @@ class Server:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError):
+                pass
+    return out
 
 
 async def _post(reader, writer, host: str, path: str, payload: bytes) -> tuple[int, bytes]:
@@ -194,11 +225,11 @@ def run(args, workload: str) -> dict:
         return eng
 
     eng = fresh_engine()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     want = eng.score(convs, media)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rows.append({"scorer": "direct RewardEngine.score, one call", "concurrency": None,
-                 "requests_per_s": len(timed) / wall, "wall_s": wall})
+                 "requests_per_s": len(timed) / wall, "wall_s": wall, "server_cpu_ms": 1e3 * cpu / len(timed)})
     eng = fresh_engine()
     lat = []
     t0 = time.perf_counter()
@@ -214,25 +245,102 @@ def run(args, workload: str) -> dict:
 
     bodies = [request_body(s, EXAMPLES) for s in timed]
     warm_bodies = [request_body(s, EXAMPLES) for s in warm]
-    for c in args.concurrency:
-        srv = Server(args.model, EXAMPLES, args.threads, args.max_wait_ms, args.window)
+    levels = [(c, ()) for c in args.concurrency]
+    if args.single_process_row and args.concurrency:
+        levels.append((max(args.concurrency), ("--single-process",)))
+    for c, extra in levels:
+        srv = Server(args.model, EXAMPLES, args.threads, args.max_wait_ms, args.window, extra)
         try:
             drive(srv.url, warm_bodies, min(c, len(warm_bodies)))
-            m0 = srv.metrics()
+            m0, cpu0 = srv.metrics(), srv.cpu_seconds()
+            t_client = time.process_time()
             rewards, lat, wall = drive(srv.url, bodies, c)
-            m1 = srv.metrics()
+            t_client = time.process_time() - t_client
+            m1, cpu1 = srv.metrics(), srv.cpu_seconds()
         finally:
             srv.stop()
         diff = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(rewards, want))
         if diff > 1e-5:
             raise RuntimeError(f"concurrency {c}: rewards differ from RewardEngine.score by {diff:.2e}")
         n_batches = m1["ixc_batch_size_count"] - m0["ixc_batch_size_count"]
-        rows.append({"scorer": "ixc-engine serve, POST /get_reward", "concurrency": c,
-                     "requests_per_s": len(timed) / wall, "wall_s": wall, "p50_ms": 1e3 * statistics.median(lat),
-                     "p99_ms": 1e3 * pct(lat, 0.99),
+        cpu = {pid: cpu1[pid] - cpu0.get(pid, 0.0) for pid in cpu1}
+        engine_cpu = max((v for pid, v in cpu.items() if pid != srv.proc.pid), default=0.0)
+        rows.append({"scorer": "ixc-engine serve, POST /get_reward" + (" " + " ".join(extra) if extra else ""),
+                     "concurrency": c, "requests_per_s": len(timed) / wall, "wall_s": wall,
+                     "p50_ms": 1e3 * statistics.median(lat), "p99_ms": 1e3 * pct(lat, 0.99),
                      "mean_batch": (m1["ixc_batch_size_sum"] - m0["ixc_batch_size_sum"]) / max(n_batches, 1),
-                     "max_reward_diff": diff})
+                     "max_reward_diff": diff,
+                     # CPU ms per request: all server processes, the engine process alone, the load generator
+                     "server_cpu_ms": 1e3 * sum(cpu.values()) / len(timed),
+                     "engine_cpu_ms": 1e3 * engine_cpu / len(timed) if engine_cpu else None,
+                     "client_cpu_ms": 1e3 * t_client / len(timed),
+                     # the scheduler's wall time per request: scoring, idle on an empty queue, waiting for company
+                     "sched_ms": {k: 1e3 * (m1[name] - m0[name]) / len(timed) for k, name in (
+                         ("busy", "ixc_batch_seconds_sum"), ("idle", "ixc_scheduler_idle_seconds_total"),
+                         ("gather", "ixc_scheduler_gather_seconds_total"))}})
+    # direct batched once more, after the servers: on a shared machine the load drifts during a run; the ratios use
+    # the faster of the two direct runs (never flattering the server)
+    eng = fresh_engine()
+    t0, c0 = time.perf_counter(), time.process_time()
+    eng.score(convs, media)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    rows.append({"scorer": "direct RewardEngine.score, one call (again, last)", "concurrency": None,
+                 "requests_per_s": len(timed) / wall, "wall_s": wall, "server_cpu_ms": 1e3 * cpu / len(timed)})
+    del eng
     return {"workload": workload, "rows": rows, "samples": len(timed), "warmup": len(warm)}
+
+
+def direct_batched(out: dict) -> dict:
+    """The faster of the run's two direct batched rows (first and last)."""
+    return max((r for r in out["rows"] if r["scorer"].startswith("direct RewardEngine.score, one call") and
+                r["concurrency"] is None), key=lambda r: r["requests_per_s"])
+
+
+def _served(out: dict, single: bool = False) -> dict[int, dict]:
+    return {r["concurrency"]: r for r in out["rows"]
+            if r["scorer"].startswith("ixc") and ("--single-process" in r["scorer"]) == single}
+
+
+def summary(out: dict, c1: float | None, batched: float) -> str:
+    """The issue's two targets, as ratios of figures of this run."""
+    served = _served(out)
+    top = max(served, default=None)
+    if top is None:
+        return ""
+    rate = served[top]["requests_per_s"]
+    line = f"targets: c={top} / direct batched (the faster of its two runs) = {rate / batched:.2f}x (>= 0.9x)"
+    if c1:
+        line += f", c={top} / c=1 = {rate / c1:.2f}x (>= 5x)"
+    single = _served(out, single=True).get(top)
+    if single:
+        line += f"; --single-process at c={top}: {single['requests_per_s'] / batched:.2f}x direct"
+    return line
+
+
+def results_row(out: dict, command: str) -> str:
+    """A row of the serving table in bench/RESULTS.md (the lead adds the time, load and code version)."""
+    rows, served = out["rows"], _served(out)
+    direct, per_call = direct_batched(out), rows[1]
+
+    def cell(r):
+        if r is None:
+            return "-"
+        text = f"{r['requests_per_s']:.2f} (p50 {r['p50_ms']:.1f}, p99 {r['p99_ms']:.1f}"
+        if r.get("mean_batch") is not None:
+            text += f"; batch {r['mean_batch']:.1f}"
+        if r.get("server_cpu_ms") is not None:
+            text += f"; CPU {r['server_cpu_ms']:.2f} ms/req"
+        return text + ")"
+
+    levels = sorted(served)
+    top = levels[-1] if levels else None
+    c1 = served.get(1, {}).get("requests_per_s")
+    ratio1 = f"{served[top]['requests_per_s'] / c1:.2f}x" if top and c1 else "-"
+    ratiod = f"{served[top]['requests_per_s'] / direct['requests_per_s']:.2f}x" if top else "-"
+    return " | ".join(["| UTC, load", f"`python bench/bench_serve.py {command}`".replace("  ", " "),
+                       f"{out['workload']}, {out['samples']}",
+                       f"{direct['requests_per_s']:.2f} req/s (CPU {direct['server_cpu_ms']:.2f} ms/sample)",
+                       cell(per_call), *(cell(served.get(c)) for c in levels), ratio1, ratiod]) + " |"
 
 
 def main(argv=None) -> int:
@@ -247,6 +355,9 @@ def main(argv=None) -> int:
     p.add_argument("--workload", type=lambda s: s.split(","), default=["text", "image"],
                    help="text (RL-style chats, what OpenRLHF sends), image (the example corpus), or both (default)")
     p.add_argument("--text-n", type=int, default=512, help="timed samples of the text workload (default 512)")
+    p.add_argument("--no-single-process-row", dest="single_process_row", action="store_false",
+                   help="leave out the row of `serve --single-process` (the engine in a thread of the HTTP process) at "
+                   "the highest concurrency")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     load = os.getloadavg()
@@ -255,17 +366,30 @@ def main(argv=None) -> int:
     for workload in args.workload:
         out = run(args, workload)
         results.append(out)
-        batched = out["rows"][0]["requests_per_s"]
+        batched = direct_batched(out)["requests_per_s"]
         c1 = next((r["requests_per_s"] for r in out["rows"][2:] if r["concurrency"] == 1), None)
         print(f"\n[{workload}] {out['samples']} samples (+{out['warmup']} warm-up), torch threads {args.threads}")
-        print(f"{'scorer':50s} {'conc':>5s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'batch':>6s} {'vs c=1':>7s} "
-              f"{'vs direct':>9s}")
+        print(f"{'scorer':52s} {'conc':>5s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'batch':>6s} {'vs c=1':>7s} "
+              f"{'vs direct':>9s}   CPU ms/req: server (engine) client")
         for r in out["rows"]:
             conc = "-" if r["concurrency"] is None else str(r["concurrency"])
             vs1 = f"{r['requests_per_s'] / c1:.2f}x" if c1 and r["scorer"].startswith("ixc") else ""
-            print(f"{r['scorer']:50s} {conc:>5s} {r['requests_per_s']:8.2f} {r.get('p50_ms', float('nan')):8.1f} "
+            cpu = f"{r['server_cpu_ms']:.2f}" if r.get("server_cpu_ms") is not None else ""
+            if r.get("engine_cpu_ms") is not None:
+                cpu += f" ({r['engine_cpu_ms']:.2f})"
+            if r.get("client_cpu_ms") is not None:
+                cpu += f" {r['client_cpu_ms']:.2f}"
+            print(f"{r['scorer']:52s} {conc:>5s} {r['requests_per_s']:8.2f} {r.get('p50_ms', float('nan')):8.1f} "
                   f"{r.get('p99_ms', float('nan')):8.1f} {r.get('mean_batch', float('nan')):6.1f} {vs1:>7s} "
-                  f"{r['requests_per_s'] / batched:8.2f}x")
+                  f"{r['requests_per_s'] / batched:8.2f}x   {cpu}")
+        for r in out["rows"]:
+            if "sched_ms" in r:
+                t = r["sched_ms"]
+                print(f"  scheduler at c={r['concurrency']}{' (single process)' if 'single' in r['scorer'] else ''}: "
+                      f"wall ms per request: scoring {t['busy']:.2f}, idle (empty queue) {t['idle']:.2f}, waiting "
+                      f"for company {t['gather']:.2f}; request every {1e3 / r['requests_per_s']:.2f} ms")
+        print(summary(out, c1, batched))
+        print("RESULTS.md row: " + results_row(out, " ".join(sys.argv[1:])))
     after = os.getloadavg()
     print(f"\nload average (1 min) {load[0]:.1f} before, {after[0]:.1f} after; {os.cpu_count()} cores")
     out = {"results": results, "command": "python " + " ".join(sys.argv), "start": t_start,

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import re
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 RETRY_STATUSES = (429, 502, 503, 504)
+_PER_REQUEST = re.compile(r"over the limit of (\d+) per request")  # the server's 413 for too many items
+_PER_ITEM = re.compile(r"per item")  # its 413 for too many media in one item
+_BODY_LIMIT = re.compile(r"body .*over the limit of (\d+)")  # its 413 for too large a body
 _MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif", ".bmp": "image/bmp",
          ".webp": "image/webp", ".mp4": "video/mp4", ".avi": "video/x-msvideo", ".mkv": "video/x-matroska",
          ".mov": "video/quicktime", ".wmv": "video/x-ms-wmv"}
@@ -55,7 +59,9 @@ class RewardClient:
     embed_media: True sends local files as data: URIs (server and client need not share a disk); False sends paths,
       which the server resolves below its --media-root. PIL images are always sent as data: URIs.
     retries / backoff / max_backoff: attempts after the first on retryable failures, with exponential backoff and
-      jitter (a Retry-After header is honoured). timeout: seconds per attempt. batch_size: items per HTTP request.
+      jitter (a Retry-After header is honoured). timeout: seconds per attempt. batch_size: items per HTTP request; a
+      request the server refuses as too large (413: more items than its --max-items, or a body over --max-body-mb) is
+      split and sent again in parts, and later calls keep to the server's item limit (results stay in input order).
     """
 
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 180.0, retries: int = 5,
@@ -70,6 +76,8 @@ class RewardClient:
         self.backoff, self.max_backoff = backoff, max_backoff
         self.embed_media, self.batch_size = embed_media, batch_size
         self.attempts = 0  # HTTP attempts made (retries included), for tests and logs
+        self._server_limit: int | None = None  # items per request the server accepts, once a 413 said so
+        self._body_limit: int | None = None  # body bytes the server accepts, once a 413 said so
 
     # --- endpoints ------------------------------------------------------------------------------------------------
     def score(self, conversations: Sequence[list[dict]], images: Sequence[Any] | None = None,
@@ -88,34 +96,89 @@ class RewardClient:
         """(score, n_tokens, error) per conversation; errors are per item, not raised."""
         if images is not None and len(images) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
-        out: list[tuple[float | None, int | None, str | None]] = []
-        for lo in range(0, len(conversations), self.batch_size):
-            body: dict[str, Any] = {"conversations": [list(c) for c in conversations[lo:lo + self.batch_size]]}
+
+        def body(lo: int, hi: int) -> dict:
+            b: dict[str, Any] = {"conversations": [list(c) for c in conversations[lo:hi]]}
             if images is not None:
-                body["images"] = [self._media(m) for m in images[lo:lo + self.batch_size]]
+                b["images"] = [self._media(m) for m in images[lo:hi]]
             if hd_num is not None:
-                body["hd_num"] = hd_num
-            r = self.post("/v1/score", body)
-            out += list(zip(r["scores"], r["n_tokens"], r["errors"]))
-        return out
+                b["hd_num"] = hd_num
+            return b
+
+        return self._post_items("/v1/score", len(conversations), body,
+                                lambda r: list(zip(r["scores"], r["n_tokens"], r["errors"])))
 
     def best_of_n(self, messages: list[dict], candidates: Sequence[str], images: Any = None,
                   hd_num: int | None = None) -> tuple[int, list[float]]:
-        """(index of the best candidate, all scores), as `RewardEngine.best_of_n`."""
-        body: dict[str, Any] = {"messages": list(messages), "candidates": list(candidates)}
-        if images is not None:
-            body["images"] = self._media(images)
-        if hd_num is not None:
-            body["hd_num"] = hd_num
-        r = self.post("/v1/best_of_n", body)
-        return r["best"], r["scores"]
+        """(index of the best candidate, all scores), as `RewardEngine.best_of_n`. More candidates than the server takes
+        in one request go in several (the server's prefix cache still computes the shared prompt once)."""
+        media = self._media(images) if images is not None else None
+
+        def body(lo: int, hi: int) -> dict:
+            b: dict[str, Any] = {"messages": list(messages), "candidates": list(candidates[lo:hi])}
+            if media is not None:
+                b["images"] = media
+            if hd_num is not None:
+                b["hd_num"] = hd_num
+            return b
+
+        scores = self._post_items("/v1/best_of_n", len(candidates), body, lambda r: r["scores"], at_least_one=True)
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the server's rule: the first of the highest
+        return best, scores
 
     def get_reward(self, queries: Sequence[str], images: Sequence[Any] | None = None) -> list[float]:
         """OpenRLHF's call: decoded policy texts (chat markers kept) -> rewards."""
-        body: dict[str, Any] = {"query": list(queries)}
-        if images is not None:
-            body["images"] = [self._media(m) for m in images]
-        return self.post("/get_reward", body)["rewards"]
+        def body(lo: int, hi: int) -> dict:
+            b: dict[str, Any] = {"query": list(queries[lo:hi])}
+            if images is not None:
+                b["images"] = [self._media(m) for m in images[lo:hi]]
+            return b
+
+        return self._post_items("/get_reward", len(queries), body, lambda r: r["rewards"])
+
+    # --- splitting ------------------------------------------------------------------------------------------------
+    def _post_items(self, path: str, n: int, body, results, at_least_one: bool = False) -> list:
+        """POST items [0, n) in requests of at most `batch_size` items (or the server's per-request limit, once it
+        said it); a request refused as too large (413: too many items, or too large a body) is split and sent again
+        in parts, transparently. Results come back in input order."""
+        out: list = []
+        if n == 0 and at_least_one:  # let the server name the problem
+            return results(self.post(path, body(0, 0)))
+        lo = 0
+        while lo < n:
+            step = min(self.batch_size, self._server_limit or n, n - lo)
+            out += self._post_part(path, lo, lo + step, body, results)
+            lo += step
+        return out
+
+    def _post_part(self, path: str, lo: int, hi: int, body, results) -> list:
+        data = json.dumps(body(lo, hi)).encode()
+        step = None
+        if self._body_limit is not None and len(data) > self._body_limit and hi - lo > 1:
+            step = (hi - lo + 1) // 2  # over the body size the server said it takes: halves, without asking
+        else:
+            try:
+                got = results(self.request("POST", path, data))
+            except RewardServerError as exc:
+                if exc.status != 413 or hi - lo <= 1 or _PER_ITEM.search(str(exc)):
+                    raise  # one item too large (media per item, or its own bytes): splitting cannot help
+                m, b = _PER_REQUEST.search(str(exc)), _BODY_LIMIT.search(str(exc))
+                if m and 1 <= int(m.group(1)) < hi - lo:
+                    step = int(m.group(1))
+                    self._server_limit = step if self._server_limit is None else min(self._server_limit, step)
+                else:  # too large a body: halves
+                    if b:
+                        self._body_limit = int(b.group(1))
+                    step = (hi - lo + 1) // 2
+        if step is not None:
+            out: list = []
+            for a in range(lo, hi, step):
+                out += self._post_part(path, a, min(a + step, hi), body, results)
+            return out
+        if len(got) != hi - lo:
+            raise RewardServerError(f"POST {path}: the server answered {len(got)} results for {hi - lo} items", None,
+                                    got)
+        return got
 
     def health(self) -> dict:
         return self.request("GET", "/health")
@@ -165,8 +228,12 @@ class RewardClient:
                     wait = float(retry_after)
             except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError, OSError) as exc:
                 if attempt == self.retries:
+                    hint = ""
+                    if data is not None and len(data) > 1 << 20 and isinstance(exc, (ConnectionError, OSError)):
+                        hint = (f" (a server refuses a body of {len(data)} bytes over 4x its --max-body-mb at once, "
+                                "which looks like this: send fewer items per request, batch_size=...)")
                     raise RewardServerError(f"{method} {path}: {self.url} unreachable after {attempt + 1} attempts: "
-                                            f"{exc}") from None
+                                            f"{exc}{hint}") from None
             if wait is None:
                 wait = delay * (0.5 + random.random())  # jitter: retries of many clients do not arrive together
                 delay = min(delay * 2, self.max_backoff)

@@ -300,7 +300,8 @@ def test_native_score_and_best_of_n(engine, ref, media_root):
     assert empty == {"rewards": [], "scores": [], "extra_logs": {}}
     for name in ("ixc_requests_total", "ixc_samples_total", "ixc_tokens_computed_total",
                  "ixc_prefix_tokens_reused_total", "ixc_batch_size_bucket", "ixc_queue_depth",
-                 "ixc_request_latency_seconds_bucket"):
+                 "ixc_request_latency_seconds_bucket", "ixc_scheduler_idle_seconds_total",
+                 "ixc_scheduler_gather_seconds_total"):
         assert name in metrics
 
 

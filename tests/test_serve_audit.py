@@ -120,6 +120,16 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _descendants(pid: int) -> list[int]:
+    """Children, grandchildren, ...: the engine process and its --workers processes."""
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -136,8 +146,9 @@ def test_sigterm_stops_the_preprocessing_workers_too():
     try:
         r = httpx.post(srv.url + "/get_reward", json={"query": [GOOD]}, timeout=120)
         assert r.status_code == 200, r.text
-        kids = _children(srv.proc.pid)
-        assert kids, "no worker process was started"
+        engine = _children(srv.proc.pid)
+        kids = _descendants(srv.proc.pid)
+        assert len(kids) > len(engine), "no worker process was started"  # the workers belong to the engine process
         srv.terminate()
         assert srv.proc.wait(60) in (0, -signal.SIGTERM)
         deadline = time.monotonic() + 20
@@ -147,6 +158,28 @@ def test_sigterm_stops_the_preprocessing_workers_too():
     finally:
         srv.kill()
         for k in kids:  # only the processes this test's server started
+            if _running(k):
+                os.kill(k, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_the_engine_process_and_its_workers_exit_when_the_server_is_killed():
+    """SIGKILL leaves no clean-up to the server: its engine process sees the pipe close, finishes what it holds, stops
+    its --workers and exits (no orphan keeps the model, or a GPU, after a crash)."""
+    srv = ServerProcess(free_port(), "--workers", "1").start()
+    kids: list[int] = []
+    try:
+        assert httpx.post(srv.url + "/get_reward", json={"query": [GOOD]}, timeout=120).status_code == 200
+        kids = _descendants(srv.proc.pid)
+        assert len(kids) >= 2  # the engine process and a worker (and multiprocessing's resource tracker)
+        srv.kill()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(map(_running, kids)):
+            time.sleep(0.1)
+        assert not [k for k in kids if _running(k)], f"{kids} outlived the killed server: {srv.log()[-2000:]}"
+    finally:
+        srv.kill()
+        for k in kids:
             if _running(k):
                 os.kill(k, signal.SIGKILL)
 

@@ -30,6 +30,7 @@ from ixc_engine.serve.schemas import (
     parse_score,
 )
 
+DRAIN_FACTOR = 4  # a body announced at up to 4x --max-body-mb is read before its 413; a larger one is refused at once
 INLINE_PARSE_BYTES = 32 << 10  # smaller bodies (text, no media payload) are parsed on the event loop
 ENDPOINTS = ("/get_reward", "/pooling", "/v1/score", "/v1/best_of_n", "/health", "/v1/models", "/metrics")
 
@@ -83,6 +84,10 @@ class Metrics:
         self.batch_size = Histogram("ixc_batch_size", "samples per engine call", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.batch_seconds = Histogram("ixc_batch_seconds", "seconds per engine call", registry=r)
+        # with ixc_batch_seconds_sum: where the scheduler's time goes (scoring, idle on an empty queue, max-wait)
+        self.idle_seconds = Counter("ixc_scheduler_idle_seconds", "scheduler time on an empty queue", registry=r)
+        self.gather_seconds = Counter("ixc_scheduler_gather_seconds", "scheduler time waiting for more samples to join "
+                                      "a batch (--max-wait-ms)", registry=r)
         self.queue_depth = Gauge("ixc_queue_depth", "samples queued or being scored", registry=r)
         self.latency = Histogram("ixc_request_latency_seconds", "request latency", ["endpoint"], registry=r,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 180))
@@ -94,6 +99,8 @@ class Metrics:
         self.tokens_reused.inc(info.prefix_tokens_reused)
         self.batch_size.observe(info.samples)
         self.batch_seconds.observe(info.seconds)
+        self.idle_seconds.inc(info.idle_s)
+        self.gather_seconds.inc(info.gather_s)
 
 
 def _error_response(exc: RequestError):
@@ -125,8 +132,11 @@ class _Auth:
         return await self.app(scope, receive, send)
 
 
-def create_app(engine: RewardEngine, cfg: ServeConfig | None = None):
-    """The ASGI app around one engine. The batcher starts and stops with the app's lifespan (uvicorn runs it)."""
+def create_app(engine: RewardEngine | None, cfg: ServeConfig | None = None, *, batcher=None):
+    """The ASGI app around one engine. The batcher starts and stops with the app's lifespan (uvicorn runs it).
+
+    engine: scored by a `Batcher` thread in this process; or None with `batcher` given: a `ProcessBatcher` (the engine
+    in a process of its own, what `ixc-engine serve` runs), which may already be started."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
@@ -136,14 +146,20 @@ def create_app(engine: RewardEngine, cfg: ServeConfig | None = None):
     cfg = cfg or ServeConfig()
     limits = cfg.limits()
     metrics = Metrics()
-    batcher = Batcher(engine, cfg.batcher, on_batch=metrics.on_batch)
+    if batcher is None:
+        if engine is None:
+            raise ValueError("create_app needs an engine or a batcher")
+        batcher = Batcher(engine, cfg.batcher, on_batch=metrics.on_batch)
+    else:
+        batcher.on_batch = metrics.on_batch
     metrics.queue_depth.set_function(lambda: batcher.depth)
     state: dict = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state["pool"] = ThreadPoolExecutor(cfg.parse_threads, thread_name_prefix="ixc-parse")
-        batcher.start()
+        if not getattr(batcher, "started", False):
+            batcher.start()
         try:
             yield
         finally:
@@ -159,6 +175,11 @@ def create_app(engine: RewardEngine, cfg: ServeConfig | None = None):
             except ValueError:
                 raise RequestError(400, "Content-Length is not an integer", "Content-Length") from None
             if n > cfg.max_body_bytes:
+                if n <= DRAIN_FACTOR * cfg.max_body_bytes:
+                    # read and drop it first: a client still sending when the server closes gets a connection reset,
+                    # not the 413, and could not know to split its batch (RewardClient does split on the 413)
+                    async for _ in request.stream():
+                        pass
                 raise RequestError(413, f"body of {n} bytes is over the limit of {cfg.max_body_bytes}", "body",
                                    kind="request_too_large")
         chunks, size = [], 0
@@ -263,6 +284,8 @@ def create_app(engine: RewardEngine, cfg: ServeConfig | None = None):
                              "n_tokens": [r.n_tokens for r in results]})
 
     async def health(request):
+        if not getattr(batcher, "alive", True):  # the engine process died: tell the load balancer / orchestrator
+            return JSONResponse({"status": "error", "error": batcher.dead_reason, "queue_depth": 0}, status_code=503)
         return JSONResponse({"status": "ok", "queue_depth": batcher.depth})
 
     async def models(request):

@@ -24,6 +24,31 @@ EPILOG = """examples:
 """
 
 
+DEFAULT_MAX_CONNECTIONS = 4096
+RESERVED_FILES = 128  # descriptors kept for the model files, the engine process, workers, logs
+
+
+def default_max_connections() -> int:
+    """DEFAULT_MAX_CONNECTIONS, capped below the soft open-file limit: past it accept() fails (EMFILE) and uvicorn logs
+    errors instead of answering 503."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return DEFAULT_MAX_CONNECTIONS
+    return max(1, min(DEFAULT_MAX_CONNECTIONS, soft - RESERVED_FILES))
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def add_parser(sub, formatter_class, int_at_least) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve rewards over HTTP (OpenRLHF /get_reward, vLLM-style /pooling, ...)",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter_class)
@@ -58,31 +83,60 @@ def add_parser(sub, formatter_class, int_at_least) -> argparse.ArgumentParser:
                    help="per-request deadline in seconds; later answers are 504 (default 180, OpenRLHF's timeout)")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-prefix-cache", action="store_true", help="disable shared-prefix reuse (scores are equal)")
+    p.add_argument("--single-process", action="store_true",
+                   help="run the engine in a thread of the server's process instead of a process of its own (default: "
+                   "its own process, so that HTTP handling and scoring do not take turns on one GIL: more requests/s "
+                   "under load, see bench/RESULTS.md)")
+    p.add_argument("--max-connections", "--limit-concurrency", dest="max_connections", type=int_at_least(1),
+                   default=None, metavar="N",
+                   help="open HTTP connections served at once (uvicorn's --limit-concurrency); a request that arrives "
+                   "while more are open gets 503 and its connection is closed, the others are still served. Idle "
+                   f"keep-alive connections count too (default {DEFAULT_MAX_CONNECTIONS}, or fewer when the open-file "
+                   "limit, ulimit -n, is lower)")
+    p.add_argument("--timeout-keep-alive", type=_positive_float, default=30.0, metavar="S",
+                   help="close a kept-alive connection idle for S seconds (uvicorn's --timeout-keep-alive; default 30)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return p
 
 
+def _engine_config(args):
+    from ixc_engine.engine.engine import EngineConfig
+
+    return EngineConfig(hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window,
+                        workers=args.workers, prefix_cache=not args.no_prefix_cache)
+
+
 def build(args):
-    """(engine, ServeConfig) from the parsed arguments."""
+    """(engine, ServeConfig) from the parsed arguments: the engine loaded in this process (--single-process)."""
     import torch
 
     from ixc_engine.api import RewardEngine
-    from ixc_engine.engine.engine import EngineConfig
-    from ixc_engine.serve.app import ServeConfig
-    from ixc_engine.serve.batcher import BatcherConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    ecfg = EngineConfig(hd_num=args.hd_num, max_batch_tokens=args.max_batch_tokens, window=args.window,
-                        workers=args.workers, prefix_cache=not args.no_prefix_cache)
-    scfg = ServeConfig(
+    engine = RewardEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=_engine_config(args))
+    return engine, serve_config(args)
+
+
+def build_spec(args):
+    """(EngineSpec, ServeConfig): what the engine process loads (the default)."""
+    from ixc_engine.serve.engine_process import EngineSpec
+
+    spec = EngineSpec(model=str(args.model), device=args.device, dtype=args.dtype, config=_engine_config(args),
+                      threads=args.threads)
+    return spec, serve_config(args)
+
+
+def serve_config(args):
+    from ixc_engine.serve.app import ServeConfig
+    from ixc_engine.serve.batcher import BatcherConfig
+
+    return ServeConfig(
         model_name=args.served_model_name or Path(str(args.model)).name or str(args.model), api_key=args.api_key,
         media_root=args.media_root, max_body_bytes=int(args.max_body_mb * (1 << 20)), max_items=args.max_items,
         max_media=args.max_media, hd_num=args.hd_num, request_timeout_s=args.request_timeout,
         batcher=BatcherConfig(max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_gather=args.window),
     )
-    engine = RewardEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, config=ecfg)
-    return engine, scfg
 
 
 def cmd_serve(args) -> int:
@@ -96,27 +150,43 @@ def cmd_serve(args) -> int:
     from ixc_engine.serve.app import create_app
 
     t0 = time.perf_counter()
-    engine, scfg = build(args)
-    print(f"model loaded in {time.perf_counter() - t0:.1f}s on {engine.engine.runner.device} "
-          f"({engine.engine.runner.dtype}); serving {scfg.model_name!r}", file=sys.stderr)
+    if args.single_process:
+        engine, scfg = build(args)
+        app = create_app(engine, scfg)
+        where, close = f"{engine.engine.runner.device} ({engine.engine.runner.dtype})", engine.close
+    else:
+        from ixc_engine.serve.engine_process import ProcessBatcher
+
+        spec, scfg = build_spec(args)
+        batcher = ProcessBatcher(spec, scfg.batcher)
+        batcher.start()  # the engine process loads the model; raises EngineProcessError (a RuntimeError) if it cannot
+        app = create_app(None, scfg, batcher=batcher)
+        where = f"{spec.info['device']} ({spec.info['dtype']}) in engine process {batcher.pid}"
+        close = batcher.stop
+    print(f"model loaded in {time.perf_counter() - t0:.1f}s on {where}; serving {scfg.model_name!r}", file=sys.stderr)
     # uvicorn re-raises SIGTERM once it has shut down; with the default handler that kills the process before the
     # `finally` below, leaving --workers processes orphaned. A handler of ours is what it restores and re-raises to.
     got: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda sig, _frame: got.append(sig))
     try:
-        run(create_app(engine, scfg), args.host, args.port, args.log_level)
+        run(app, args.host, args.port, args.log_level, max_connections=args.max_connections or
+            default_max_connections(), timeout_keep_alive=args.timeout_keep_alive)
     finally:
-        engine.close()
+        close()
         signal.signal(signal.SIGTERM, previous)
     if got:
         signal.raise_signal(signal.SIGTERM)  # the exit status still says SIGTERM, as before
     return 0
 
 
-def run(app, host: str, port: int, log_level: str = "info") -> None:
+def run(app, host: str, port: int, log_level: str = "info", max_connections: int | None = None,
+        timeout_keep_alive: float = 30.0) -> None:
     """uvicorn in this thread; SIGTERM / Ctrl-C stop accepting, finish in-flight requests, then drain the queue."""
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False,
-                            timeout_graceful_shutdown=None, timeout_keep_alive=30)
+                            timeout_graceful_shutdown=None, timeout_keep_alive=timeout_keep_alive,
+                            limit_concurrency=None if max_connections is None else max_connections + 1)
+    # +1: uvicorn answers 503 once the open connections, the asking one included, reach limit_concurrency; so N + 1
+    # serves N connections
     uvicorn.Server(config).run()
