@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ixc_engine.formats.jobs import check_outputs_apart as _check_outputs_apart  # the job helpers ray.py shares
 from ixc_engine.formats.jobs import model_key as _model_key
-from ixc_engine.formats.jobs import shard_output
+from ixc_engine.formats.jobs import records_to_do, shard_output
 
 # Only the standard library at import time: a Ctrl-C while torch loads is then caught by main() (exit 130, no
 # traceback), and --help is instant. Each command imports what it needs.
@@ -276,7 +276,6 @@ def cmd_score(args) -> int:
 def _score_locked(args, out_path: Path) -> int:
     from ixc_engine.corpus import (
         JobManifest,
-        LineError,
         ResultWriter,
         check_not_foreign,
         count_lines,
@@ -340,16 +339,7 @@ def _score_locked(args, out_path: Path) -> int:
             raise
     job.save(job_path)
 
-    def todo():
-        for ln, item in source.records(shard=args.shard):
-            if ln not in done:
-                yield ln, item
-                continue
-            # Results are written in input order, so every resumed line is checked before anything new is written.
-            cid = item.sample_id if isinstance(item, LineError) else item.id
-            if done[ln] is not None and cid is not None and done[ln] != cid:
-                raise ValueError(f"line {ln} of {args.corpus} has id {cid!r} but {out_path} recorded {done[ln]!r} "
-                                 "for it: the corpus changed since the first run; use --restart to score it anew")
+    todo = records_to_do(source.records(shard=args.shard), done, args.corpus, out_path)
 
     bar = None
     if not args.no_progress:
@@ -359,7 +349,7 @@ def _score_locked(args, out_path: Path) -> int:
     n_ok = n_err = n_warn = tokens = 0
     t0 = time.perf_counter()
     try:
-        for r in engine.score_stream(todo(), hd_num=args.hd_num):
+        for r in engine.score_stream(todo, hd_num=args.hd_num):
             if r.error is None:
                 writer.write_score(r.index, r.id, r.score, r.n_tokens, r.warnings)
                 n_ok += 1

@@ -29,3 +29,20 @@ def check_outputs_apart(inputs: dict[str, Path], outputs: list[Path]) -> None:
         for what, path in inputs.items():
             if same_file(out, path):
                 raise ValueError(f"output {out} is the {what} {path}: choose another -o")
+
+
+def records_to_do(records, done: dict, corpus: Path, out_path: Path):
+    """The (line, Sample | LineError) pairs of `records` not yet in the results (`done`: line -> recorded id).
+
+    Results are written in input order, so every resumed line is checked before anything new is written: a line whose
+    id differs from the recorded one means the corpus changed since the first run, and the job stops (ValueError)."""
+    from ixc_engine.corpus import LineError
+
+    for ln, item in records:
+        if ln not in done:
+            yield ln, item
+            continue
+        cid = item.sample_id if isinstance(item, LineError) else item.id
+        if done[ln] is not None and cid is not None and done[ln] != cid:
+            raise ValueError(f"line {ln} of {corpus} has id {cid!r} but {out_path} recorded {done[ln]!r} for it: the "
+                             "corpus changed since the first run; use --restart to score it anew")

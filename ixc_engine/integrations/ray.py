@@ -636,13 +636,12 @@ def cmd_score_ray(args, reader=None) -> int:
     """
     from ixc_engine.corpus import (
         JobManifest,
-        LineError,
         ResultWriter,
         count_lines,
         errors_path_for,
         job_path_for,
     )
-    from ixc_engine.formats.jobs import check_outputs_apart, model_key, shard_output
+    from ixc_engine.formats.jobs import check_outputs_apart, model_key, records_to_do, shard_output
     from ixc_engine.formats.source import open_corpus
 
     source = open_corpus(args.corpus, getattr(args, "format", None), getattr(args, "media_root", None))
@@ -688,17 +687,8 @@ def cmd_score_ray(args, reader=None) -> int:
             print(json.dumps({"scored": 0, "errors": 0, "warnings": 0, "skipped_already_done": len(done),
                               "scores": str(out_path), "errors_file": str(writer.errors_path)}))  # as the local job
             return 0
-        def todo():  # read as Ray asks for more (_Feed): never the whole corpus in memory
-            for ln, item in reader(args.corpus, shard=args.shard):
-                if ln not in done:
-                    yield ln, item
-                    continue
-                # Results are written in input order, so every resumed line is checked before anything new is written.
-                cid = item.sample_id if isinstance(item, LineError) else item.id
-                if done[ln] is not None and cid is not None and done[ln] != cid:
-                    raise ValueError(f"line {ln} of {args.corpus} has id {cid!r} but {out_path} recorded "
-                                     f"{done[ln]!r} for it: the corpus changed since the first run; use --restart to "
-                                     "score it anew")
+        # read as Ray asks for more (_Feed): never the whole corpus in memory
+        todo = records_to_do(reader(args.corpus, shard=args.shard), done, args.corpus, out_path)
 
         n_todo = mine - sum(1 for ln in done if (ln - 1) % args.shard[1] == args.shard[0])
         started = not ray.is_initialized()
@@ -708,7 +698,7 @@ def cmd_score_ray(args, reader=None) -> int:
                 init["include_dashboard"] = False
             ray.init(**init)
         try:
-            return _run(args, ray, (todo(), n_todo), writer, job, job_path, previous, done, mine, out_path)
+            return _run(args, ray, (todo, n_todo), writer, job, job_path, previous, done, mine, out_path)
         finally:
             if started:
                 ray.shutdown()
