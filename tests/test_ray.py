@@ -3,6 +3,7 @@ a scoring actor is killed mid-job, resumable after the driver is killed; and the
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -61,14 +62,17 @@ def test_prepared_rows_round_trip(job, tokenizer):
     rows = list(sample_rows(items.items()))
     assert [r["index"] for r in rows] == list(range(1, N_LINES + 1))
     assert json.loads(rows[6]["sample"])["error"].startswith("invalid JSON")  # a parse error crosses as an error row
-    for line in (1, 2, 4):  # text, image, video
-        p = prepare_sample(tokenizer, items[line], hd_num=9, max_length=16384)
+    for line, compact in itertools.product((1, 2, 4), (True, False)):  # text, image, video; both crop forms
+        p = prepare_sample(tokenizer, items[line], hd_num=9, max_length=16384, compact_media=compact)
         meta, tokens, pixels = encode_prepared(p)
         assert isinstance(tokens, bytes) and isinstance(pixels, bytes)  # plain buffers, no pickled objects
+        # compact crops cross as the float32 global view plus uint8 sub-crops: 4 + h*w bytes per pixel, not 4 (1+h*w)
+        per_pixel = sum(4 + m.h * m.w if compact else 4 * (1 + m.h * m.w) for m in p.media)
+        assert len(pixels) == per_pixel * 3 * 560 * 560
         q = decode_prepared(json.loads(meta), tokens, pixels)
         assert isinstance(q, PreparedSample) and (q.id, q.pieces, q.media_digests, q.n_tokens) == (
             p.id, p.pieces, p.media_digests, p.n_tokens)
-        assert [(m.h, m.w, m.kind) for m in q.media] == [(m.h, m.w, m.kind) for m in p.media]
+        assert [(m.h, m.w, m.kind, m.compact) for m in q.media] == [(m.h, m.w, m.kind, compact) for m in p.media]
         for a, b in zip(q.media, p.media):
             assert np.array_equal(a.pixel_values.numpy(), b.pixel_values.numpy())
         assert np.array_equal(q.content_keys(), p.content_keys())

@@ -21,9 +21,10 @@ Rows between the stages (all Arrow columns, nothing pickled):
 - input (`sample_rows`): `index` int64 (the record's line number), `sample` JSON text: {"messages", "media", "id",
   "warnings"} for a sample, {"error", "id"} for a record the reader could not parse. Any reader yielding
   (index, Sample | SampleError) pairs plugs in.
-- prepared (`Prepare`): `index`, `meta` JSON text (id, piece lengths, media grid/kind/digest, n_tokens, warnings, or
-  the error), `tokens` (int32 token ids of all text pieces, raw little-endian bytes) and `pixels` (float32 crops of all
-  media, [sum(1 + h*w), 3, 560, 560], raw bytes), both Arrow large_binary buffers that the scorer views with
+- prepared (`Prepare`): `index`, `meta` JSON text (id, piece lengths, media grid/kind/digest/compact, n_tokens,
+  warnings, or the error), `tokens` (int32 token ids of all text pieces, raw little-endian bytes) and `pixels` (per
+  media in order: the float32 global view [1, 3, 560, 560], then the uint8 sub-crops [h*w, 3, 560, 560]; or all
+  1 + h*w crops in float32 for a media prepared dense), both Arrow large_binary buffers that the scorer views with
   np.frombuffer.
 - scored (`Score`): `index`, `id` (JSON text, so that ints stay ints), `ok`, `score`, `n_tokens` (-1 for errors),
   `error` ("" when scored), `warnings` (JSON list of the sample's warnings, as the local job writes them), and the
@@ -129,12 +130,20 @@ def encode_prepared(p) -> tuple[str, bytes, bytes]:
             tokens.extend(piece)
         else:
             lens.append(-1 - piece)  # a media slot
-    media = [[m.h, m.w, m.kind, d] for m, d in zip(p.media, p.media_digests)]
+    # per media [h, w, kind, digest, compact]: compact crops travel as the float32 global view then the uint8
+    # sub-crops (a quarter of the bytes; the scoring actor normalises them, bit-identically), others as float32
+    media = [[m.h, m.w, m.kind, d, m.compact] for m, d in zip(p.media, p.media_digests)]
     meta = json.dumps({"id": p.id, "pieces": lens, "media": media, "n_tokens": p.n_tokens,
                        "warnings": list(p.warnings)})
     import numpy as np
 
-    pixels = b"".join(np.ascontiguousarray(m.pixel_values.numpy(), dtype=np.float32).tobytes() for m in p.media)
+    def media_bytes(m) -> bytes:
+        if not m.compact:
+            return np.ascontiguousarray(m.pixel_values.numpy(), dtype=np.float32).tobytes()
+        glb = np.ascontiguousarray(m.global_view.numpy(), dtype=np.float32).tobytes()
+        return glb + np.ascontiguousarray(m.sub_uint8.numpy()).tobytes()
+
+    pixels = b"".join(media_bytes(m) for m in p.media)
     return meta, np.asarray(tokens, dtype="<i4").tobytes(), pixels
 
 
@@ -154,16 +163,24 @@ def decode_prepared(meta: dict, tokens, pixels):
             pos += n
         else:
             pieces.append(-1 - n)
-    flat = np.frombuffer(pixels, dtype="<f4")
+    raw = memoryview(pixels)
     crop = 3 * CROP * CROP
     media, digests, off = [], [], 0
-    for h, w, kind, digest in meta["media"]:
-        n = (1 + h * w) * crop
-        arr = flat[off:off + n].reshape(1 + h * w, 3, CROP, CROP)
-        media.append(MediaCrops(torch.from_numpy(arr.copy()), h, w, kind))
+
+    def take(n: int, dtype: str, count: int):  # `count` crops of `dtype` at the offset, copied once into torch
+        nonlocal off
+        arr = np.frombuffer(raw[off:off + n * count], dtype=dtype).reshape(count, 3, CROP, CROP)
+        off += n * count
+        return torch.from_numpy(arr.copy())
+
+    for h, w, kind, digest, compact in meta["media"]:
+        if compact:
+            glb = take(4 * crop, "<f4", 1)
+            media.append(MediaCrops(h=h, w=w, kind=kind, global_view=glb, sub_uint8=take(crop, "u1", h * w)))
+        else:
+            media.append(MediaCrops(take(4 * crop, "<f4", 1 + h * w), h, w, kind))
         digests.append(digest)
-        off += n
-    if pos != len(ids) or off != len(flat):
+    if pos != len(ids) or off != len(raw):
         raise ValueError("prepared row does not match its description (corrupt object?)")
     return PreparedSample(meta["id"], pieces, media, digests, meta["n_tokens"], list(meta.get("warnings", [])))
 
