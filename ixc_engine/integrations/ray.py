@@ -379,7 +379,6 @@ class _Feeder:
 
         self.refs: dict[int, Any] = {}
         self.low = 0  # windows below this are written and dropped
-        self.error: str | None = None
         self.changed = asyncio.Event()
 
     def _wake(self) -> None:
@@ -396,16 +395,10 @@ class _Feeder:
         self.refs.pop(k, None)
         self.low = max(self.low, k + 1)
 
-    def fail(self, message: str) -> None:
-        self.error = message
-        self._wake()
-
     async def get(self, k: int) -> list | None:
         while k not in self.refs:
             if k < self.low:
                 return None
-            if self.error is not None:
-                raise RuntimeError(f"the driver stopped feeding records: {self.error}")
             await self.changed.wait()
         return [self.refs[k]]  # in a list: the caller gets the reference, not the value
 
@@ -486,8 +479,13 @@ class _Feed:
         except _Stopped:
             pass
         except BaseException as exc:  # noqa: BLE001 (told to the main thread, which raises it)
+            # The remaining windows go out empty, so that every stage finishes and the driver's next batch comes
+            # (it then raises this error). A fetch failing in its actor instead could leave the driver waiting on
+            # Ray for ever (seen once in a fresh-clone CI run).
             self.error = exc
-            self.feeder.fail.remote(f"{type(exc).__name__}: {exc}")
+            for rest in range(k, self.n_windows):
+                with contextlib.suppress(Exception):  # the cluster may be going away too
+                    self._put(rest, [])
 
     def _put(self, k: int, items: list) -> None:
         if k >= self.n_windows:
