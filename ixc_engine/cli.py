@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 from ixc_engine.formats.jobs import check_outputs_apart as _check_outputs_apart  # the job helpers ray.py shares
-from ixc_engine.formats.jobs import model_key as _model_key
-from ixc_engine.formats.jobs import records_to_do, shard_output
+from ixc_engine.formats.jobs import job_for, records_to_do, shard_output
 
 # Only the standard library at import time: a Ctrl-C while torch loads is then caught by main() (exit 130, no
 # traceback), and --help is instant. Each command imports what it needs.
@@ -275,7 +274,6 @@ def cmd_score(args) -> int:
 
 def _score_locked(args, out_path: Path) -> int:
     from ixc_engine.corpus import (
-        JobManifest,
         ResultWriter,
         check_not_foreign,
         count_lines,
@@ -298,15 +296,7 @@ def _score_locked(args, out_path: Path) -> int:
     )
     source = open_corpus(args.corpus, args.format, args.media_root)  # JSONL, JSON array or Parquet
     total_lines = source.count()
-    i, n = args.shard
-    mine = len(range(i, total_lines, n))
-    job = JobManifest(corpus=str(args.corpus.resolve()), model=_model_key(args.model), hd_num=args.hd_num,
-                      max_length=args.max_length, shard=args.shard, lines=mine, strict=args.strict,
-                      escape_special_tokens=args.escape_special_tokens)
-    previous = None if args.restart else JobManifest.load(job_path)
-    if previous is not None and (diff := previous.differences(job)):
-        raise ValueError(f"{out_path} holds the results of another job ({'; '.join(diff)}): use --restart to "
-                         "score from scratch into it, or choose another -o")
+    job, previous, mine = job_for(args, total_lines, out_path, job_path)
     check_not_foreign(out_path, "score")  # cheap refusals first, before the model loads
     check_not_foreign(errors_path_for(out_path), "error")
     engine = None

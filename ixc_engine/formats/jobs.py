@@ -46,3 +46,21 @@ def records_to_do(records, done: dict, corpus: Path, out_path: Path):
         if done[ln] is not None and cid is not None and done[ln] != cid:
             raise ValueError(f"line {ln} of {corpus} has id {cid!r} but {out_path} recorded {done[ln]!r} for it: the "
                              "corpus changed since the first run; use --restart to score it anew")
+
+
+def job_for(args, total_lines: int, out_path: Path, job_path: Path):
+    """This run's job (a `JobManifest` of `score`'s arguments over a corpus of `total_lines` records), the job recorded
+    at `job_path` (None with --restart or when there is none) and how many records are this shard's. A recorded job
+    with other settings is refused (ValueError), so that one scores file never mixes two jobs' results."""
+    from ixc_engine.corpus import JobManifest
+
+    i, n = args.shard
+    mine = len(range(i, total_lines, n))
+    job = JobManifest(corpus=str(args.corpus.resolve()), model=model_key(args.model), hd_num=args.hd_num,
+                      max_length=args.max_length, shard=args.shard, lines=mine, strict=args.strict,
+                      escape_special_tokens=args.escape_special_tokens)
+    previous = None if args.restart else JobManifest.load(job_path)
+    if previous is not None and (diff := previous.differences(job)):
+        raise ValueError(f"{out_path} holds the results of another job ({'; '.join(diff)}): use --restart to "
+                         "score from scratch into it, or choose another -o")
+    return job, previous, mine

@@ -457,10 +457,16 @@ class _Feed:
         ds = ray.data.from_items([{"window": k} for k in range(self.n_windows)], override_num_blocks=self.n_windows)
         # One window per block: Ray Data buffers a task's output until the task ends (or 128 MB), so a task holding
         # several windows would wait for records that are only fed once its first window is written. Two fetch
-        # actors: one window's round trips to the feeder and the object store overlap the next one's.
+        # actors: one window's round trips to the feeder and the object store overlap the next one's. One task in
+        # flight per actor: an actor need not run its queued tasks in the order they were given (Ray 2.60; traced:
+        # the fetches of windows 4 and 5 ran while that of 3 waited behind one of them), and a fetch that waits for a
+        # window fed only once a lower one is written, with that lower one queued behind it, waited for ever (CI hung
+        # so). With one task per actor, every window below the ones being fetched has been fetched, so the lowest
+        # unwritten window is always on its way to the driver.
         return ds.map_batches(_Fetch, fn_constructor_kwargs={"feeder": self.feeder}, batch_size=1,
                               batch_format="pyarrow", num_cpus=0,
-                              compute=ray.data.ActorPoolStrategy(size=min(2, self.n_windows)))
+                              compute=ray.data.ActorPoolStrategy(size=min(2, self.n_windows),
+                                                                 max_tasks_in_flight_per_actor=1))
 
     def _produce(self, records) -> None:
         k, buf = 0, []
@@ -650,13 +656,12 @@ def cmd_score_ray(args, reader=None) -> int:
     streamed to Ray window by window (`_Feed`): the driver holds a few windows, never the corpus.
     """
     from ixc_engine.corpus import (
-        JobManifest,
         ResultWriter,
         count_lines,
         errors_path_for,
         job_path_for,
     )
-    from ixc_engine.formats.jobs import check_outputs_apart, model_key, records_to_do, shard_output
+    from ixc_engine.formats.jobs import check_outputs_apart, job_for, records_to_do, shard_output
     from ixc_engine.formats.source import open_corpus
 
     source = open_corpus(args.corpus, getattr(args, "format", None), getattr(args, "media_root", None))
@@ -676,15 +681,7 @@ def cmd_score_ray(args, reader=None) -> int:
     job_path = job_path_for(out_path)
     check_outputs_apart({"corpus": args.corpus}, [out_path, errors_path_for(out_path), job_path])
     total_lines = source.count()
-    i, n = args.shard
-    mine = len(range(i, total_lines, n))
-    job = JobManifest(corpus=str(args.corpus.resolve()), model=model_key(args.model), hd_num=args.hd_num,
-                      max_length=args.max_length, shard=args.shard, lines=mine, strict=args.strict,
-                      escape_special_tokens=args.escape_special_tokens)
-    previous = None if args.restart else JobManifest.load(job_path)
-    if previous is not None and (diff := previous.differences(job)):
-        raise ValueError(f"{out_path} holds the results of another job ({'; '.join(diff)}): use --restart to "
-                         "score from scratch into it, or choose another -o")
+    job, previous, mine = job_for(args, total_lines, out_path, job_path)
     writer, done = ResultWriter.open(out_path, resume=not args.restart)
     try:
         if args.restart:
