@@ -16,10 +16,12 @@ batch size (from /metrics), CPU ms per request of the server processes (of its e
 company; from /metrics); and the direct rows: one `RewardEngine.score` call over all samples (batched; its CPU ms per
 sample), run first and once more last (the ratios use the faster of the two, as the load of a shared machine drifts
 during a run), and one call per sample. Then the issue's two target ratios and a row for bench/RESULTS.md. Rewards must
-equal the direct scores (fp32, 1e-5) or the run stops.
+equal the direct scores (fp32, 1e-5) or the run stops. `--repeat N` runs it all N times and ends with the median of
+each target ratio over the runs.
 
     python bench/bench_serve.py                          # CPU, demo model, 1 torch thread, ~1-2 min on 2 cores
     python bench/bench_serve.py --concurrency 1,8,64 --threads 1 --json serve.json
+    python bench/bench_serve.py --workload text --repeat 3
 """
 
 from __future__ import annotations
@@ -290,6 +292,44 @@ def run(args, workload: str) -> dict:
     return {"workload": workload, "rows": rows, "samples": len(timed), "warmup": len(warm)}
 
 
+def paired(args, rounds: int, concurrency: int) -> dict:
+    """c=`concurrency` against direct batched scoring in adjacent pairs: one server and one direct engine, started
+    once; each round scores fresh text samples (no prefix reuse from earlier rounds) both ways, back to back, the order
+    alternating, so that both figures of a pair see the same machine speed. Ratios per pair and their median."""
+    torch.set_num_threads(args.threads)
+    n = args.text_n
+    samples = text_samples(n * (rounds + 1), seed=11)
+    eng = RewardEngine.from_pretrained(args.model, device="cpu")
+    srv = Server(args.model, EXAMPLES, args.threads, args.max_wait_ms, args.window)
+    pairs = []
+    try:
+        warm = samples[-n:]
+        eng.score([s.messages for s in warm[:args.warmup]])
+        drive(srv.url, [request_body(s, EXAMPLES) for s in warm], concurrency)
+        for i in range(rounds):
+            chunk = samples[i * n:(i + 1) * n]
+            convs, bodies = [s.messages for s in chunk], [request_body(s, EXAMPLES) for s in chunk]
+            got = {}
+            for what in (("direct", "serve") if i % 2 == 0 else ("serve", "direct")):
+                t0 = time.perf_counter()
+                if what == "direct":
+                    want = eng.score(convs)
+                else:
+                    rewards, _, _ = drive(srv.url, bodies, concurrency)
+                got[what] = n / (time.perf_counter() - t0)
+            diff = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(rewards, want))
+            if diff > 1e-5:
+                raise RuntimeError(f"round {i}: rewards differ from RewardEngine.score by {diff:.2e}")
+            pairs.append(got)
+    finally:
+        srv.stop()
+    ratios = [g["serve"] / g["direct"] for g in pairs]
+    # throughput over all rounds: every sample of the session over the time each scorer spent
+    total = {k: len(pairs) * n / sum(n / g[k] for g in pairs) for k in ("direct", "serve")}
+    return {"rounds": pairs, "ratios": ratios, "median": statistics.median(ratios), "samples": n,
+            "concurrency": concurrency, "total_requests_per_s": total, "total_ratio": total["serve"] / total["direct"]}
+
+
 def direct_batched(out: dict) -> dict:
     """The faster of the run's two direct batched rows (first and last)."""
     return max((r for r in out["rows"] if r["scorer"].startswith("direct RewardEngine.score, one call") and
@@ -358,12 +398,32 @@ def main(argv=None) -> int:
     p.add_argument("--no-single-process-row", dest="single_process_row", action="store_false",
                    help="leave out the row of `serve --single-process` (the engine in a thread of the HTTP process) at "
                    "the highest concurrency")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run everything this many times and print the median of each target ratio (a shared 2-core "
+                   "machine's speed drifts by up to 1.5x within one run)")
+    p.add_argument("--pairs", type=int, default=0, metavar="N",
+                   help="instead: N rounds of fresh text samples, each scored by direct batched scoring and by the "
+                   "server at the highest --concurrency back to back (order alternating); prints each pair's ratio "
+                   "and the median (the fairest same-run comparison on a machine whose speed drifts)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.pairs:
+        res = paired(args, args.pairs, max(args.concurrency))
+        for i, (g, r) in enumerate(zip(res["rounds"], res["ratios"])):
+            print(f"round {i}: direct {g['direct']:.1f} req/s, serve c={res['concurrency']} {g['serve']:.1f} req/s: "
+                  f"{r:.3f}x")
+        print(f"c={res['concurrency']} / direct batched over {args.pairs} adjacent pairs ({res['samples']} samples "
+              f"each): median {res['median']:.3f}x (min {min(res['ratios']):.3f}, max {max(res['ratios']):.3f}); over "
+              f"all rounds serve {res['total_requests_per_s']['serve']:.1f} req/s, direct "
+              f"{res['total_requests_per_s']['direct']:.1f}: {res['total_ratio']:.3f}x; load {os.getloadavg()[0]:.1f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        return 0
     load = os.getloadavg()
     t_start = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     results = []
-    for workload in args.workload:
+    ratios: dict[str, list[tuple[float, float | None]]] = {}
+    for workload in [w for _ in range(args.repeat) for w in args.workload]:
         out = run(args, workload)
         results.append(out)
         batched = direct_batched(out)["requests_per_s"]
@@ -390,6 +450,18 @@ def main(argv=None) -> int:
                       f"for company {t['gather']:.2f}; request every {1e3 / r['requests_per_s']:.2f} ms")
         print(summary(out, c1, batched))
         print("RESULTS.md row: " + results_row(out, " ".join(sys.argv[1:])))
+        served = _served(out)
+        if served:
+            top = served[max(served)]["requests_per_s"]
+            ratios.setdefault(workload, []).append((top / batched, top / c1 if c1 else None))
+    for workload, rs in ratios.items():
+        if len(rs) > 1:
+            vs_direct = [a for a, _ in rs]
+            vs_c1 = [b for _, b in rs if b is not None]
+            print(f"\n[{workload}] over {len(rs)} runs: c={max(args.concurrency)} / direct batched median "
+                  f"{statistics.median(vs_direct):.2f}x ({', '.join(f'{a:.2f}' for a in vs_direct)})"
+                  + (f"; / c=1 median {statistics.median(vs_c1):.2f}x ({', '.join(f'{b:.2f}' for b in vs_c1)})"
+                     if vs_c1 else ""))
     after = os.getloadavg()
     print(f"\nload average (1 min) {load[0]:.1f} before, {after[0]:.1f} after; {os.cpu_count()} cores")
     out = {"results": results, "command": "python " + " ".join(sys.argv), "start": t_start,

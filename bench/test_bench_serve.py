@@ -101,3 +101,18 @@ def test_concurrent_requests_are_batched_and_faster_than_one_at_a_time(served, s
     print(f"24 requests: 1 in flight {best[1]:.3f} s, 16 in flight {best[16]:.3f} s; mean batch {batch[16]:.1f}")
     assert batch[1] == 1 and batch[16] > 2
     assert best[16] * 1.5 <= best[1], f"16 in flight {best[16]:.3f} s vs one at a time {best[1]:.3f} s"
+
+
+def test_paired_rounds_check_the_rewards_and_report_each_pair(tmp_path):
+    """`bench_serve.py --pairs`: a real `ixc-engine serve` process against direct scoring, round by round, every reward
+    checked against the direct score (a mismatch stops the run), one ratio per round and their median."""
+    import json
+
+    from bench_serve import main
+
+    out = tmp_path / "pairs.json"
+    assert main(["--pairs", "2", "--text-n", "24", "--warmup", "4", "--concurrency", "8", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["concurrency"] == 8 and res["samples"] == 24 and len(res["rounds"]) == len(res["ratios"]) == 2
+    assert all(r["direct"] > 0 and r["serve"] > 0 for r in res["rounds"])
+    assert abs(res["median"] - sum(res["ratios"]) / 2) < 1e-12  # the median of two

@@ -14,7 +14,7 @@ from ixc_engine.checkpoint import load_model, resolve_checkpoint
 from ixc_engine.config import ModelConfig
 from ixc_engine.engine.engine import EngineConfig, ScoreResult, ScoringEngine
 from ixc_engine.engine.runner import ModelRunner
-from ixc_engine.engine.sequence import Sample, SampleError
+from ixc_engine.engine.sequence import PreparedSample, Sample, SampleError
 from ixc_engine.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -191,7 +191,9 @@ class RewardEngine:
         self, samples: Iterable[Sample | tuple[int, Sample | SampleError]], hd_num: int = 9
     ) -> Iterator[ScoreResult]:
         """Results in input order, one per sample: for corpus jobs. Items are `Sample(messages, media, id)`s or
-        `(index, Sample | SampleError)` pairs (the index is reported back as `ScoreResult.index`). A sample that cannot
+        `(index, Sample | SampleError)` pairs (the index is reported back as `ScoreResult.index`); a `PreparedSample`
+        made elsewhere with `self.engine.preparation()`'s settings and this hd_num may stand in for a Sample (the
+        server prepares text samples in its HTTP process). A sample that cannot
         be scored (bad messages, media, length) gives a result with `error` set; an item of any other type raises
         TypeError (at once for a list or tuple, when it is reached for other iterables)."""
         if isinstance(samples, (Sample, str, bytes, Mapping)) or not isinstance(samples, Iterable):
@@ -231,10 +233,10 @@ def _looks_like_conversation(obj) -> bool:
 
 def _check_stream_item(pos: int, item):
     """A score_stream item as the engine takes it, or TypeError naming the accepted forms and what came."""
-    if isinstance(item, Sample):
+    if isinstance(item, (Sample, PreparedSample)):
         return item
     if (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int) and not isinstance(item[0], bool)
-            and isinstance(item[1], (Sample, SampleError))):
+            and isinstance(item[1], (Sample, SampleError, PreparedSample))):
         return item
     hint = ""
     if _looks_like_conversation(item) or (isinstance(item, tuple) and any(map(_looks_like_conversation, item))):

@@ -228,3 +228,26 @@ def test_the_token_budget_counts_tokens_to_compute_not_cached_ones(tiny_ckpt, ph
     eng = RewardEngine.from_pretrained(tiny_ckpt, device="cpu", config=cfg)
     eng.best_of_n(PROMPT, [f"candidate {i}" for i in range(8)], images=[photo])
     assert eng.stats()["batches"] == 2
+
+
+def test_score_stream_takes_samples_prepared_elsewhere_with_the_engines_settings(tiny_ckpt):
+    """A PreparedSample made outside the engine (as the server's HTTP process does, with `preparation()`'s settings)
+    scores as its Sample does, bare or in an (index, item) pair, mixed with Samples and errors."""
+    from ixc_engine.engine.sequence import prepare_sample
+    from ixc_engine.tokenizer import Tokenizer
+
+    eng = RewardEngine.from_pretrained(tiny_ckpt, device="cpu")
+    st = eng.engine.preparation()
+    tok = Tokenizer.from_file(st["tokenizer_path"])
+    samples = [Sample([{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer " * i}],
+                      [], id=f"s{i}") for i in range(1, 5)]
+    made = [prepare_sample(tok, s, hd_num=9, max_length=st["max_length"], max_media=st["max_media"],
+                           max_pixels=st["max_pixels"], escape_special=st["escape_special"]) for s in samples]
+    want = list(eng.score_stream(samples))
+    mixed = [(0, made[0]), (1, samples[1]), (2, SampleError("bad line")), (3, made[2]), (4, made[3])]
+    got = list(eng.score_stream(mixed))
+    assert [r.index for r in got] == [0, 1, 2, 3, 4] and got[2].error == "bad line"
+    assert [(r.id, r.n_tokens) for r in got[:2] + got[3:]] == [(r.id, r.n_tokens) for r in want]
+    # other batches (and the prefix cache of the earlier calls) move fp32 sums in the last bits only
+    assert [r.score for r in got[:2] + got[3:]] == pytest.approx([r.score for r in want], rel=1e-5, abs=1e-6)
+    assert [r.score for r in eng.score_stream(made)] == pytest.approx([r.score for r in want], rel=1e-5, abs=1e-6)

@@ -21,7 +21,7 @@ from ixc_engine.api import Sample, ScoreResult
 from ixc_engine.engine.engine import EngineConfig
 from ixc_engine.serve.app import ServeConfig, create_app
 from ixc_engine.serve.batcher import Batcher, BatcherConfig, QueueFull, ShuttingDown
-from ixc_engine.serve.engine_process import EngineProcessError, EngineSpec, ProcessBatcher
+from ixc_engine.serve.engine_process import EngineProcessError, EngineSpec, ProcessBatcher, TextPreparer
 from tests.serve_support import DEMO, ServerProcess, ServerThread, free_port
 from tests.test_serve import conversations, query
 
@@ -47,7 +47,7 @@ def samples(convs) -> list[Sample]:
 def test_process_batcher_answers_equal_engine_score_and_admits_in_this_process(pbatcher, demo_ref):
     convs = conversations(30, seed=41)
     want = demo_ref.score(convs)
-    assert pbatcher.spec.info == {"device": "cpu", "dtype": "float32"}
+    assert pbatcher.spec.info == {"device": "cpu", "dtype": "float32", "preparation": demo_ref.engine.preparation()}
     b0 = pbatcher.batches
     futs = [pbatcher.submit(samples(convs[i:i + 3]), 9, 60) for i in range(0, 30, 3)]  # 10 requests of 3
     got = [r for f in futs for r in f.result(60)]
@@ -67,6 +67,40 @@ def test_process_batcher_answers_equal_engine_score_and_admits_in_this_process(p
     while pbatcher.samples_scored < 65 and time.monotonic() < deadline:  # its batch counters follow the answers
         time.sleep(0.01)
     assert pbatcher.samples_scored == 65
+
+
+def test_text_samples_prepared_in_the_server_process_give_the_engines_results(pbatcher, demo_ref):
+    """Small text-only requests are prepared here (TextPreparer, with the settings the engine process told): exactly
+    the engine's own preparation, warnings included; a sample with media, one that fails to prepare (too long) and a
+    large request go as they are, and the engine's results (scores, warnings, errors) are the same either way."""
+    from ixc_engine.engine.sequence import PreparedSample
+
+    prep = TextPreparer(pbatcher.spec.info["preparation"])
+    convs = conversations(4, seed=45)
+    odd = [
+        Sample(convs[0], [], id="plain"),
+        Sample(convs[1], [], id="warned", warnings=["key 'img' is not read"]),
+        Sample([{"role": "user", "content": "Say [UNUSED_TOKEN_145] please"},
+                {"role": "assistant", "content": "No."}], [], id="special"),
+        Sample([{"role": "user", "content": "word " * 20000}, {"role": "assistant", "content": "Long."}], [],
+               id="too long"),
+        Sample([{"role": "user", "content": "<ImageHere>What is it?"}, {"role": "assistant", "content": "A cat."}],
+               ["missing.jpg"], id="media"),
+        Sample([{"role": "robot", "content": "Hi"}], [], id="bad role"),
+    ]
+    made = prep(odd, 9)
+    engine_made = demo_ref.engine.prepare(odd[:3], 9)
+    assert made[:3] == engine_made and all(isinstance(m, PreparedSample) for m in made[:3])
+    assert made[1].warnings == engine_made[1].warnings and len(made[1].warnings) == 1
+    assert made[3:] == odd[3:]  # too long, media, invalid: the engine prepares them and reports their errors
+    many = [Sample(c, [], id=i) for i, c in enumerate(conversations(TextPreparer.MAX_SAMPLES + 1, seed=46))]
+    assert prep(many, 9) == many  # a big request is not held up on the event loop
+    got = pbatcher.submit(odd, 9, 60).result(60)
+    want = list(demo_ref.score_stream(odd))
+    assert [(r.id, r.n_tokens, r.error, r.warnings) for r in got] == [
+        (r.id, r.n_tokens, r.error, r.warnings) for r in want]
+    assert [r.score for r in got] == pytest.approx([r.score for r in want], rel=1e-5, abs=1e-5)
+    assert got[3].error and "over max_length" in got[3].error and got[4].error and got[5].error
 
 
 def test_a_cancelled_request_is_skipped_and_frees_its_queue_places(pbatcher):

@@ -366,9 +366,10 @@ class ScoringEngine:
         """Score an iterable of samples window by window; results come in input order, errors as results too.
 
         Items may be `Sample`s or `(index, Sample | SampleError)` pairs (the CLI passes parse errors through so that
-        every input line gets exactly one result). With `workers > 0` the next window is prepared in worker processes
-        while the current one is on the device. hd_num (default cfg.hd_num) is fixed when this is called, so other
-        calls on the engine while the stream is consumed do not change it.
+        every input line gets exactly one result); a `PreparedSample` in place of a Sample is scored as it is (it must
+        have been prepared with `preparation()`'s settings and this hd_num). With `workers > 0` the next window is
+        prepared in worker processes while the current one is on the device. hd_num (default cfg.hd_num) is fixed
+        when this is called, so other calls on the engine while the stream is consumed do not change it.
         """
         hd_num = self.cfg.hd_num if hd_num is None else hd_num
         if not isinstance(hd_num, int) or isinstance(hd_num, bool) or hd_num < 1:
@@ -417,13 +418,22 @@ class ScoringEngine:
             yield window
 
     def _submit(self, window, pool, hd_num: int):
-        """Start preparing a window: futures in worker processes, or the finished list when inline."""
-        real = [s for _, s in window if isinstance(s, Sample)]
+        """Start preparing a window: futures in worker processes, or the finished list when inline. Items prepared
+        already (a `PreparedSample`, made with `preparation()`'s settings elsewhere) are taken as they are."""
+        real = [s for _, s in window if isinstance(s, (Sample, PreparedSample))]
         if pool is None:
-            return self.prepare(real, hd_num)
-        args = [(self.tokenizer_path, s, hd_num, self.max_length, self.cfg.max_media, self.cfg.max_image_pixels,
-                 self.cfg.escape_special_tokens) for s in real]
-        return [self._submit_one(pool, a) for a in args]
+            made = iter(self.prepare([s for s in real if isinstance(s, Sample)], hd_num))
+            return [s if isinstance(s, PreparedSample) else next(made) for s in real]
+        return [s if isinstance(s, PreparedSample) else self._submit_one(pool, (
+            self.tokenizer_path, s, hd_num, self.max_length, self.cfg.max_media, self.cfg.max_image_pixels,
+            self.cfg.escape_special_tokens)) for s in real]
+
+    def preparation(self) -> dict:
+        """What `prepare_sample` needs besides the tokenizer, sample and hd_num to prepare a sample exactly as this
+        engine would (plain values: it crosses to other processes, e.g. the server's HTTP process)."""
+        return {"tokenizer_path": str(self.tokenizer_path), "max_length": self.max_length,
+                "max_media": self.cfg.max_media, "max_pixels": self.cfg.max_image_pixels,
+                "escape_special": self.cfg.escape_special_tokens}
 
     def _submit_one(self, pool, args) -> Future:
         try:
@@ -470,7 +480,7 @@ class ScoringEngine:
         t0 = time.perf_counter()
         prepared = [self._worker_result(f) if isinstance(f, Future) else f for f in submitted]
         self.stats.cpu_seconds += time.perf_counter() - t0 if submitted and hasattr(submitted[0], "result") else 0.0
-        real = [k for k, (_, s) in enumerate(window) if isinstance(s, Sample)]
+        real = [k for k, (_, s) in enumerate(window) if isinstance(s, (Sample, PreparedSample))]
         outcome: dict[int, PreparedSample | SampleError] = dict(zip(real, prepared))
         if self.cfg.strict:
             for k, o in outcome.items():
@@ -481,7 +491,7 @@ class ScoringEngine:
 
         def result(k: int, o, score) -> ScoreResult:
             index, s = window[k]
-            sid = s.id if isinstance(s, Sample) else getattr(s, "sample_id", None)
+            sid = s.id if isinstance(s, (Sample, PreparedSample)) else getattr(s, "sample_id", None)
             self.stats.samples += 1
             if isinstance(o, PreparedSample) and isinstance(score, SampleError):
                 o, score = score, None
