@@ -26,7 +26,7 @@ from bench_e2e import WORDS, init_random_, kendall_tau, mid_config, synthetic_ph
 from ixc_engine.api import RewardEngine
 from ixc_engine.config import VisionConfig
 from ixc_engine.engine.engine import EngineConfig
-from ixc_engine.models.reward_model import IXCRewardModel
+from ixc_engine.models.reward_model import meta_model
 from ixc_engine.tiny import PACKAGED_TOKENIZER, tiny_config
 
 
@@ -68,8 +68,7 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def model_of(cfg, dtype: torch.dtype, seed: int):
-    with torch.device("meta"):
-        m = IXCRewardModel(cfg, cfg.plora_rank)
+    m = meta_model(cfg, cfg.plora_rank)
     m = m.to(dtype).to_empty(device="cpu")
     init_random_(m, seed)
     return m.eval().requires_grad_(False)

@@ -50,7 +50,7 @@ from ixc_engine.config import ModelConfig, VisionConfig
 from ixc_engine.engine.engine import EngineConfig
 from ixc_engine.engine.sequence import PreparedSample, Sample
 from ixc_engine.media.image import image_token_count
-from ixc_engine.models.reward_model import IXCRewardModel
+from ixc_engine.models.reward_model import IXCRewardModel, meta_model
 from ixc_engine.tiny import PACKAGED_TOKENIZER, tiny_config
 from ixc_engine.tokenizer import Tokenizer
 
@@ -192,8 +192,7 @@ def build_model(kind: str, device: torch.device, dtype: torch.dtype, layers: int
         if vit_layers < 1:
             raise ValueError(f"--vit-layers must be >= 1, got {vit_layers}")
         cfg.vision.num_hidden_layers = vit_layers
-    with torch.device("meta"):
-        model = IXCRewardModel(cfg, cfg.plora_rank)
+    model = meta_model(cfg, cfg.plora_rank)
     model = model.to(dtype).to_empty(device=device)
     init_random_(model, seed)
     return model.eval()

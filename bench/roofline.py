@@ -50,7 +50,7 @@ from ixc_engine.engine.engine import EngineConfig, ScoringEngine
 from ixc_engine.engine.runner import ModelRunner
 from ixc_engine.engine.sequence import PreparedSample
 from ixc_engine.media.image import CROP, MediaCrops, hd_canvas_size
-from ixc_engine.models.reward_model import IXCRewardModel
+from ixc_engine.models.reward_model import IXCRewardModel, meta_model
 from ixc_engine.template import build_sample
 from ixc_engine.tiny import PACKAGED_TOKENIZER
 from ixc_engine.tokenizer import Tokenizer
@@ -429,8 +429,7 @@ def bon_workload(tok: Tokenizer, a: Assumptions) -> list[PreparedSample]:
 
 
 def build_meta_model(cfg: ModelConfig, dtype: torch.dtype) -> IXCRewardModel:
-    with torch.device("meta"):
-        model = IXCRewardModel(cfg, cfg.plora_rank)
+    model = meta_model(cfg, cfg.plora_rank)
     return model.to(dtype).eval()
 
 

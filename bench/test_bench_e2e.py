@@ -18,7 +18,7 @@ from ixc_engine.api import RewardEngine
 from ixc_engine.config import ModelConfig
 from ixc_engine.engine.engine import EngineConfig
 from ixc_engine.engine.sequence import Sample
-from ixc_engine.models.reward_model import IXCRewardModel
+from ixc_engine.models.reward_model import meta_model
 from ixc_engine.tiny import PACKAGED_TOKENIZER, tiny_config
 from ixc_engine.tokenizer import Tokenizer
 
@@ -102,8 +102,7 @@ def test_baseline_equals_engine_mean_pooling(photos):
 def test_baseline_equals_engine_real_head_grouping(photos):
     """4 query heads per KV head as in the release (the tiny default has 2), odd FFN width, PLoRA scale != 1."""
     cfg = tiny_config(num_attention_heads=8, num_key_value_heads=2, intermediate_size=88, plora_alpha=12)
-    with torch.device("meta"):
-        m = IXCRewardModel(cfg, cfg.plora_rank)
+    m = meta_model(cfg, cfg.plora_rank)
     m = m.to_empty(device=CPU)
     init_random_(m, seed=5)
     convs, images = mixed_request(photos)

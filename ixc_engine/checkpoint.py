@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ixc_engine.config import ModelConfig
-from ixc_engine.models.reward_model import IXCRewardModel, is_ignored_tensor
+from ixc_engine.models.reward_model import IXCRewardModel, is_ignored_tensor, meta_model
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -173,8 +173,7 @@ def load_model(
     files = weight_files(ckpt)
     cfg.plora_rank = plora_rank(files, cfg)
     rank = cfg.plora_rank
-    with torch.device("meta"):
-        model = IXCRewardModel(cfg, rank)
+    model = meta_model(cfg, rank)
     # Cast while still on meta (free), then allocate in the final dtype: the device holds only the final-size weights
     # (the release: ~16.6 GB in bf16, not 33 GB of fp32 first). Each tensor is cast on the CPU before its copy.
     model = model.to(dtype).to_empty(device=device)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ixc_engine.config import ModelConfig, VisionConfig
-from ixc_engine.models.reward_model import IXCRewardModel
+from ixc_engine.models.reward_model import IXCRewardModel, meta_model
 
 PACKAGED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer.model"
 
@@ -108,8 +108,7 @@ def init_tiny(
 ) -> Path:
     """Create a random tiny reward model at `out_dir`; `extra_tensors` lets tests add e.g. unused LoRA tensors."""
     cfg = cfg or tiny_config()
-    with torch.device("meta"):
-        model = IXCRewardModel(cfg, cfg.plora_rank or 8)
+    model = meta_model(cfg, cfg.plora_rank or 8)
     state = random_state_dict(model, seed)
     state.update(extra_tensors or {})
     return write_checkpoint(out_dir, cfg, state, dtype=dtype, fmt=fmt)

@@ -131,3 +131,24 @@ def test_hub_id_without_network_gives_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(CheckpointError, match="huggingface_hub is not installed"):
         resolve_checkpoint("internlm/internlm-xcomposer2d5-7b-reward")
+
+
+def test_loading_builds_the_model_on_meta_without_its_initialisers(tmp_path):
+    """The model is built on meta with nn.init and friends skipped: torch runs normal_ on a meta tensor through a
+    Python reference whose first call imports torch._dynamo (2.0 of the demo model's 2.2 s load, in every process that
+    loads a model). A fresh process proves it; real tensors are still initialised as usual."""
+    import subprocess
+    import sys
+
+    from ixc_engine.models.reward_model import _NoInitOnMeta, meta_model
+
+    ckpt = init_tiny(tmp_path / "m")
+    code = ("import sys; from ixc_engine.checkpoint import load_model; m, _ = load_model(sys.argv[1]); "
+            "print(sum(p.numel() for p in m.parameters()) > 0, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"], out.stderr[-2000:]
+    model = meta_model(tiny_config(), 8)
+    assert all(p.is_meta for p in model.parameters())
+    with _NoInitOnMeta():
+        t = torch.nn.init.normal_(torch.zeros(64))
+    assert t.abs().sum() > 0  # only meta tensors are left alone
