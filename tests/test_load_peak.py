@@ -41,7 +41,7 @@ class _PeakOfModelBytes(TorchDispatchMode):
 
 def _load_peak(monkeypatch, ckpt, dtype):
     mode = _PeakOfModelBytes("cpu")
-    real = checkpoint.IXCRewardModel
+    real = checkpoint.meta_model
 
     def build(*args, **kwargs):
         model = real(*args, **kwargs)
@@ -60,10 +60,11 @@ def _load_peak(monkeypatch, ckpt, dtype):
                 return
             yield item
 
-    monkeypatch.setattr(checkpoint, "IXCRewardModel", build)
+    monkeypatch.setattr(checkpoint, "meta_model", build)
     monkeypatch.setattr(checkpoint, "iter_tensors", read_outside_the_mode)
     with mode:
         model, _ = checkpoint.load_model(ckpt, dtype=dtype, device="cpu")
+    assert mode.models, "load_model did not build its model through checkpoint.meta_model: nothing was measured"
     final = sum(p.numel() * p.element_size() for p in model.parameters())
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     return mode.peak, final, largest, model
