@@ -94,7 +94,15 @@ def test_text_samples_prepared_in_the_server_process_give_the_engines_results(pb
     assert made[1].warnings == engine_made[1].warnings and len(made[1].warnings) == 1
     assert made[3:] == odd[3:]  # too long, media, invalid: the engine prepares them and reports their errors
     many = [Sample(c, [], id=i) for i, c in enumerate(conversations(TextPreparer.MAX_SAMPLES + 1, seed=46))]
-    assert prep(many, 9) == many  # a big request is not held up on the event loop
+    assert prep(many, 9) == many  # a big request does not hold up the event loop
+    limit = TextPreparer.MAX_CHARS
+    sized = [Sample([{"role": "user", "content": "a" * (limit - 1)}, {"role": "assistant", "content": "b"}], []),
+             Sample([{"role": "user", "content": "a" * limit}, {"role": "assistant", "content": "b"}], [])]
+    made_sized = prep(sized, 9)
+    assert isinstance(made_sized[0], PreparedSample) and made_sized[1] is sized[1]  # nor does a long text
+    odd_content = Sample([{"role": "user", "content": ["not", "a", "string"]}, {"role": "assistant", "content": "b"}],
+                         [])
+    assert prep([odd_content], 9) == [odd_content]
     got = pbatcher.submit(odd, 9, 60).result(60)
     want = list(demo_ref.score_stream(odd))
     assert [(r.id, r.n_tokens, r.error, r.warnings) for r in got] == [

@@ -75,8 +75,8 @@ def add_parser(sub, formatter_class, int_at_least) -> argparse.ArgumentParser:
                    help="samples per engine call: gathered, prepared and prefix-matched together (default 64)")
     p.add_argument("--workers", type=int_at_least(0), default=0,
                    help="processes for CPU preprocessing: decode, resize, tokenize (default 0: the scheduler thread). "
-                   "Text-only samples of requests of at most 16 samples are templated and tokenized in the HTTP "
-                   "process instead (not with --single-process)")
+                   "Text-only samples (up to 32768 characters) of requests of at most 16 samples are templated and "
+                   "tokenized in the HTTP process instead (not with --single-process)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (default 64)")
     p.add_argument("--max-items", type=int_at_least(1), default=256,
                    help="samples (queries, conversations, candidates) per request (default 256)")

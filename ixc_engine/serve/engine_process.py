@@ -56,12 +56,14 @@ class TextPreparer:
     by the engine process once it has loaded the model (`ScoringEngine.preparation`). A sample with media (decoding and
     cropping would hold up the event loop), or one whose preparation fails (the engine then reports the error in its
     own words), goes as it is. Runs on the event loop: ~0.2 ms per sample of the bench's text workload, so only
-    requests of at most MAX_SAMPLES samples are prepared here."""
+    requests of at most MAX_SAMPLES samples, each of at most MAX_CHARS characters of text, are prepared here (a body of
+    megabytes of text would hold up every other request while it is tokenized)."""
 
     settings: dict
     tokenizer: object = None
 
     MAX_SAMPLES = 16
+    MAX_CHARS = 32768
 
     def __post_init__(self) -> None:
         from ixc_engine.tokenizer import Tokenizer
@@ -76,7 +78,7 @@ class TextPreparer:
         st = self.settings
         out = []
         for s in samples:
-            if isinstance(s, Sample) and not s.media:
+            if isinstance(s, Sample) and not s.media and _text_chars(s.messages) <= self.MAX_CHARS:
                 try:
                     s = prepare_sample(self.tokenizer, s, hd_num=hd_num, max_length=st["max_length"],
                                        max_media=st["max_media"], max_pixels=st["max_pixels"],
@@ -85,6 +87,17 @@ class TextPreparer:
                     pass
             out.append(s)
         return out
+
+
+def _text_chars(messages) -> float:
+    """Characters of the messages' text; infinite when a message is not the plain {role, content: str} form."""
+    total = 0
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, str):
+            return float("inf")
+        total += len(content)
+    return total
 
 
 def _running_loop():
