@@ -486,8 +486,7 @@ class _Feed:
             pass
         except BaseException as exc:  # noqa: BLE001 (told to the main thread, which raises it)
             # The remaining windows go out empty, so that every stage finishes and the driver's next batch comes
-            # (it then raises this error). A fetch failing in its actor instead could leave the driver waiting on
-            # Ray for ever (seen once in a fresh-clone CI run).
+            # (it then raises this error), instead of fetches failing inside Ray, whose retries are Ray's to decide.
             self.error = exc
             for rest in range(k, self.n_windows):
                 with contextlib.suppress(Exception):  # the cluster may be going away too
